@@ -1,0 +1,60 @@
+"""The attack calling convention, the L-inf projection, and the model state every attack restores (Chapter 1).
+
+Every attack is an object configured once (``PGD(eps=8/255, steps=100)``) and called as
+``x_adv = attack(model, x, y)``. During the call the model is in eval mode and its parameters do not
+require gradients (no weight-gradient work, no memory for it); both are restored afterwards.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def attack_mode(model: nn.Module, *, eval_mode: bool = True):
+    """Put ``model`` in eval mode with frozen parameters; restore mode and ``requires_grad`` on exit."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        if eval_mode:
+            model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Project onto the L-inf ball of radius ``eps`` around ``x`` intersected with the pixel range [0, 1]."""
+    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def autocast(x: torch.Tensor, enabled: bool):
+    """bf16 autocast on CUDA when ``enabled``; a no-op context elsewhere (CPU numerics stay fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and x.is_cuda)
+
+
+class Attack:
+    """Base class: subclasses implement ``perturb(model, x, y)``; ``__call__`` wraps it in ``attack_mode``."""
+
+    name = "attack"
+
+    def __init__(self, eps: float):
+        if not 0 <= eps <= 1:
+            raise ValueError(f"eps is in pixel units of [0, 1] and must lie in [0, 1], got {eps!r}")
+        self.eps = float(eps)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # abstract: every attack defines its own search
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with attack_mode(model):
+            return self.perturb(model, x.detach(), y.detach()).detach()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eps={self.eps:.4g})"

@@ -1,0 +1,74 @@
+"""One orchestration layer shared by the chapters and the CLI: load a finished run or train it, evaluate it.
+
+``load_or_train(cfg)`` returns a ``Trained`` bundle: the run (its folder, metrics, cached artifacts),
+the model in eval mode on the chosen device, and the test set. ``evaluate_run`` computes the book's
+robust-accuracy table once and caches it in the run's artifacts.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .attacks import ATTACKS, make_attack
+from .config import Config
+from .data import ArrayDataset, load
+from .evaluation import evaluate
+from .runs import Run, RunStore
+from .training import model_for, resolve_device, train
+
+
+@dataclass
+class Trained:
+    """A finished run with its model loaded."""
+
+    cfg: Config
+    run: Run
+    model: nn.Module
+    device: torch.device
+
+    @property
+    def amp(self) -> bool:
+        return self.cfg.amp and self.device.type == "cuda"
+
+    def test_set(self, n: int | None = None) -> ArrayDataset:
+        """The test split (its first ``n`` samples; default ``cfg.eval_size``, 0 meaning all) on the device."""
+        n = self.cfg.eval_size if n is None else n
+        data = load(self.cfg.dataset, "test")
+        return (data.subset(n) if n else data).to(self.device)
+
+    def train_set(self) -> ArrayDataset:
+        data = load(self.cfg.dataset, "train")
+        return (data.subset(self.cfg.train_limit) if self.cfg.train_limit else data).to(self.device)
+
+    def snapshot(self, epoch: int) -> nn.Module:
+        """The model as it was after ``epoch`` (from the run's snapshots), in eval mode."""
+        model = model_for(self.cfg, self.device)
+        model.load_state_dict(self.run.load_snapshot(epoch))
+        return model.eval()
+
+
+def load_or_train(cfg: Config, *, store: RunStore | None = None, progress: bool = True) -> Trained:
+    """The finished run of ``cfg``: loaded from the store, or trained (and resumed) now."""
+    run = train(cfg, store=store, progress=progress)
+    device = resolve_device(cfg.device)
+    model = model_for(cfg, device)
+    model.load_state_dict(run.load_model_state())
+    return Trained(cfg, run, model.eval(), device)
+
+
+def evaluate_run(trained: Trained, attacks: Sequence[str] = ATTACKS, *, n: int | None = None, steps: int | None = None,
+                 restarts: int = 1, progress: bool = False) -> pd.DataFrame:
+    """Table-1 row of a run: clean, each attack and the worst case, cached in the run's artifacts."""
+    cfg = trained.cfg
+    steps = cfg.eval_steps if steps is None else steps
+    built = {a.name: a for a in (make_attack(name, eps=cfg.eps, steps=steps, restarts=restarts, amp=trained.amp,
+                                             seed=cfg.seed) for name in attacks)}
+    data = trained.test_set(n)
+    key = hashlib.sha256(repr((sorted(map(repr, built.values())), len(data))).encode()).hexdigest()[:10]
+    return trained.run.cached_frame(f"evaluation-{key}", lambda: evaluate(
+        trained.model, data, built, amp=trained.amp, progress=progress))

@@ -1,0 +1,122 @@
+"""The eight training methods as compositions of three parts (DESIGN "Training methods are compositions").
+
+=============  ===============  ==============  =========  ========  =====
+method         inner objective  outer loss      SAT shift  L_Cluster AWP
+=============  ===============  ==============  =========  ========  =====
+standard       (none)           CE on clean     -          -         -
+pgd-at         CE               CE on adv       -          -         -
+trades         KL               TRADES          -          -         -
+mart           CE               MART            -          -         -
+awp-at         CE               CE on adv       -          -         yes
+sat            CE               CE on adv       yes        yes       -
+sat-trades     KL               TRADES          yes        yes       -
+sat-awp-at     CE               CE on adv       yes        yes       yes
+=============  ===============  ==============  =========  ========  =====
+
+A new method is a new row of ``METHODS``; ``TrainingObjective`` and the trainer never change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..attacks import PGD, CrossEntropy, KLDivergence
+from ..config import Config
+from ..models import FeatureTap, last_stage_blocks
+from .awp import AWP
+from .losses import OUTER_LOSSES, cluster_loss
+from .objectives import FeatureShiftObjective
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table."""
+
+    inner: str | None      # "ce", "kl" or None (no attack)
+    outer: str             # key of OUTER_LOSSES
+    start: str             # random start of the training attack
+    sat: bool = False      # Eq. 7 shift term inside, Eq. 8 L_Cluster outside
+    awp: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "standard": Method(None, "ce", "none"),
+    "pgd-at": Method("ce", "ce", "uniform"),
+    "trades": Method("kl", "trades", "normal"),
+    "mart": Method("ce", "mart", "uniform"),
+    "awp-at": Method("ce", "ce", "uniform", awp=True),
+    "sat": Method("ce", "ce", "uniform", sat=True),
+    "sat-trades": Method("kl", "trades", "normal", sat=True),
+    "sat-awp-at": Method("ce", "ce", "uniform", sat=True, awp=True),
+}
+_INNER = {"ce": CrossEntropy, "kl": KLDivergence}
+
+
+class TrainingObjective:
+    """The outer loss of a method on a batch: ``loss, terms, logits_adv = objective(model, x, x_adv, y)``.
+
+    One forward pass on ``x_adv`` gives the logits and (for SAT) the features of ``layers``; a clean
+    pass is added only for losses that need it (TRADES, MART).
+    """
+
+    def __init__(self, method: Method, cfg: Config, layers: list[str], num_classes: int):
+        self.method, self.layers, self.num_classes = method, layers, num_classes
+        self.outer = OUTER_LOSSES[method.outer]
+        self.weights = {"trades_beta": cfg.trades_beta, "mart_beta": cfg.mart_beta}
+        self.sat_beta = cfg.sat_beta
+        self.needs_clean = method.outer in ("trades", "mart")
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor):
+        with FeatureTap(model, self.layers if self.method.sat else []) as tap:
+            logits_adv = model(x_adv)
+        logits_clean = model(x) if self.needs_clean else None
+        terms = self.outer(logits_adv, logits_clean, y, **self.weights)
+        if self.method.sat:
+            terms["cluster"] = self.sat_beta * cluster_loss([tap[l] for l in self.layers], y, self.num_classes)
+        return sum(terms.values()), terms, logits_adv
+
+
+@dataclass
+class TrainingStep:
+    """Everything the trainer needs for one method: the training attack, the loss, optional AWP."""
+
+    attack: PGD | None
+    objective: TrainingObjective
+    awp: AWP | None
+    awp_warmup: int
+
+    def __call__(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 epoch: int):
+        """One optimisation step; returns (loss, terms, logits on the training inputs), all detached."""
+        x_adv = self.attack(model, x, y) if self.attack is not None else x
+        applied = []
+        if self.awp is not None and epoch > self.awp_warmup:
+            applied = self.awp.perturb(model, lambda: self.objective(model, x, x_adv, y)[0])
+        loss, terms, logits = self.objective(model, x, x_adv, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        AWP.restore(applied)
+        return loss.detach(), {k: v.detach() for k, v in terms.items()}, logits.detach()
+
+
+def sat_layers(model: nn.Module) -> list[str]:
+    """SAT's layers: the residual blocks of the last stage (Sec. 6.1; ``layer4.0``, ``layer4.1``)."""
+    return last_stage_blocks(model)
+
+
+def build_step(cfg: Config, model: nn.Module, num_classes: int, *, amp: bool = False) -> TrainingStep:
+    """Assemble the training step of ``cfg.method`` for ``model``."""
+    method = METHODS[cfg.method]
+    layers = sat_layers(model) if method.sat else []
+    attack = None
+    if method.inner is not None:
+        inner = _INNER[method.inner]()
+        if method.sat:
+            inner = FeatureShiftObjective(inner, layers, cfg.sat_lambda)
+        attack = PGD(cfg.eps, steps=cfg.attack_steps, step_size=cfg.step_size, start=method.start,
+                     objective=inner, amp=amp)
+    awp = AWP(cfg.awp_gamma) if method.awp else None
+    return TrainingStep(attack, TrainingObjective(method, cfg, layers, num_classes), awp, cfg.awp_warmup)

@@ -1,0 +1,45 @@
+"""SAT's generalised inner objective L_Gen (Eq. 7 and 9, Chapter 5).
+
+    L_Gen(x + r) = base(x + r) - Lambda * (1/n) sum_l ||f^l(x + r) - f^l(x)||_2 ,  Lambda ~ U(0, lambda)
+
+``base`` is CE (SAT, SAT-AWP-AT) or TRADES' KL (SAT-TRADES). The shift is per sample (the paper's
+Eq. 7; the released code takes one Frobenius norm over the batch, NOTES E8), and Lambda is one scalar
+drawn afresh at every attack step, shared by the batch, as in the released code.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attacks.objectives import Objective
+from ..models import FeatureTap
+
+
+def feature_shift(adv: dict[str, torch.Tensor], clean: dict[str, torch.Tensor], layers: list[str]) -> torch.Tensor:
+    """Per-sample mean over ``layers`` of ||f^l(x + r) - f^l(x)||_2, shape [B]."""
+    shifts = [torch.linalg.vector_norm((adv[l].float() - clean[l].float()).flatten(1), dim=1) for l in layers]
+    return torch.stack(shifts).mean(0)
+
+
+class FeatureShiftObjective(Objective):
+    """``base - Lambda * feature_shift`` with Lambda ~ U(0, ``lam``) redrawn at each call (one attack step)."""
+
+    def __init__(self, base: Objective, layers: list[str], lam: float):
+        if not layers:
+            raise ValueError("FeatureShiftObjective needs at least one layer")
+        self.base, self.layers, self.lam = base, list(layers), float(lam)
+
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        with torch.no_grad(), FeatureTap(model, self.layers) as tap:
+            base_ctx = self.base.prepare(model, x, y)
+            if not tap.features:          # the base objective needed no clean forward pass
+                model(x)
+            clean = {l: tap[l].detach() for l in self.layers}
+        return base_ctx, clean
+
+    def __call__(self, model, x_adv, y, ctx):
+        base_ctx, clean = ctx
+        with FeatureTap(model, self.layers) as tap:
+            value = self.base(model, x_adv, y, base_ctx)
+        lam = torch.rand((), device=x_adv.device) * self.lam
+        return value - lam * feature_shift(tap.features, clean, self.layers)

@@ -1,0 +1,126 @@
+"""Property and oracle tests of the attacks (DESIGN "Testing")."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from satlib.attacks import BIM, FGSM, PGD, AutoAttack, CWInf, KLDivergence, make_attack, margin
+from satlib.evaluation import correct_mask, evaluate
+
+EPS = 0.2
+
+
+@pytest.fixture(scope="module")
+def batch(digits_test):
+    return digits_test.x[:200], digits_test.y[:200]
+
+
+def acc(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+ATTACKS = [FGSM(EPS), BIM(EPS, steps=5), PGD(EPS, steps=5), PGD(EPS, steps=3, restarts=2), CWInf(EPS, steps=5),
+           PGD(EPS, steps=3, objective=KLDivergence(), start="normal")]
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=repr)
+def test_perturbation_stays_in_ball_and_range(trained_digits_model, batch, attack):
+    x, y = batch
+    x_adv = attack(trained_digits_model, x, y)
+    assert x_adv.shape == x.shape and not x_adv.requires_grad
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@pytest.mark.parametrize("attack", ATTACKS[:3], ids=repr)
+def test_model_state_is_restored(trained_digits_model, batch, attack):
+    model = trained_digits_model
+    model.zero_grad(set_to_none=True)
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    try:
+        attack(model, *batch)
+        assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    finally:
+        model.eval()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_zero_eps_changes_nothing(trained_digits_model, batch):
+    x, y = batch
+    for attack in (FGSM(0.0), PGD(0.0, steps=3), CWInf(0.0, steps=3)):
+        assert torch.equal(attack(trained_digits_model, x, y), x)
+
+
+def test_fgsm_matches_a_hand_computation(trained_digits_model, batch):
+    x, y = batch
+    x_req = x.clone().requires_grad_(True)
+    F.cross_entropy(trained_digits_model(x_req), y, reduction="sum").backward()
+    expected = (x + EPS * x_req.grad.sign()).clamp(0, 1)
+    assert torch.allclose(FGSM(EPS)(trained_digits_model, x, y), expected)
+
+
+def test_attacks_hurt_and_more_steps_hurt_more(trained_digits_model, batch):
+    x, y = batch
+    model = trained_digits_model
+    clean = acc(model, x, y)
+    fgsm = acc(model, FGSM(EPS)(model, x, y), y)
+    torch.manual_seed(0)
+    pgd5 = acc(model, PGD(EPS, steps=5)(model, x, y), y)
+    torch.manual_seed(0)
+    pgd20 = acc(model, PGD(EPS, steps=20)(model, x, y), y)
+    assert clean > 0.9 and fgsm < clean and pgd20 <= pgd5 + 0.01 and pgd20 <= fgsm
+    smaller = acc(model, PGD(EPS / 4, steps=20)(model, x, y), y)
+    assert pgd20 <= smaller
+
+
+def test_restarts_never_hurt_the_attacker(trained_digits_model, batch):
+    x, y = batch
+    torch.manual_seed(1)
+    one = PGD(EPS / 2, steps=5)(trained_digits_model, x, y)
+    torch.manual_seed(1)
+    three = PGD(EPS / 2, steps=5, restarts=3)(trained_digits_model, x, y)
+    fooled_one = trained_digits_model(one).argmax(1) != y
+    fooled_three = trained_digits_model(three).argmax(1) != y
+    assert bool((fooled_three | ~fooled_one).all())     # everything fooled by restart 1 stays fooled
+
+
+def test_cw_margin_is_positive_exactly_when_misclassified():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    y = torch.tensor([0, 0])
+    assert torch.allclose(margin(logits, y), torch.tensor([-2.0, 2.0]))
+
+
+def test_worst_case_is_below_every_attack(trained_digits_model, digits_test):
+    data = digits_test.subset(150)
+    table = evaluate(trained_digits_model, data, {"FGSM": FGSM(EPS), "PGD": PGD(EPS, steps=5), "CW": CWInf(EPS, steps=5)})
+    acc_of = dict(zip(table.attack, table.accuracy))
+    assert list(table.attack) == ["clean", "FGSM", "PGD", "CW", "worst case"]
+    assert acc_of["worst case"] <= min(acc_of[a] for a in ("clean", "FGSM", "PGD", "CW"))
+    assert (table.n == 150).all()
+
+
+def test_official_autoattack_oracle(trained_digits_model, digits_test):
+    """Our wrapper gives exactly what the authors' package gives, and AutoAttack is at least as strong as PGD."""
+    from pyautoattack import AutoAttack as Official
+    data = digits_test.subset(64)
+    model = trained_digits_model
+    ours = correct_mask(model, data, AutoAttack(0.1, seed=0, batch_size=64))
+    official = Official(model, norm="Linf", eps=0.1, version="standard", seed=0, device="cpu")
+    x_adv, _ = official.run_standard_evaluation(data.x, data.y, batch_size=64)
+    with torch.no_grad():
+        theirs = model(x_adv).argmax(1) == data.y
+    assert torch.equal(ours, theirs)
+    torch.manual_seed(0)
+    pgd = correct_mask(model, data, PGD(0.1, steps=20))
+    assert ours.float().mean() <= pgd.float().mean()
+    assert ours.float().mean() < correct_mask(model, data).float().mean()
+
+
+def test_make_attack_names():
+    assert isinstance(make_attack("cw", eps=0.1), CWInf)
+    assert make_attack("pgd", eps=0.1, steps=7).steps == 7
+    with pytest.raises(ValueError, match="unknown attack"):
+        make_attack("deepfool", eps=0.1)
+    with pytest.raises(ValueError, match="eps"):
+        PGD(-0.1)

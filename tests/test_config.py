@@ -1,0 +1,61 @@
+import pytest
+
+from satlib.config import PRESETS, Config, ConfigError, resolve
+
+
+def test_presets_resolve_and_match_the_paper():
+    for name in PRESETS:
+        assert isinstance(resolve(name), Config)
+    paper = resolve("paper")
+    assert (paper.dataset, paper.model, paper.width, paper.epochs, paper.batch_size) == ("cifar10", "resnet18", 64, 200, 128)
+    assert paper.eps == pytest.approx(8 / 255) and paper.step_size == pytest.approx(2 / 255) and paper.attack_steps == 10
+    assert (paper.lr, paper.momentum, paper.weight_decay, paper.augment) == (0.1, 0.9, 5e-4, "none")
+    assert paper.milestones() == [100, 150]
+    assert resolve("paper-wrn").model == "wrn-28-10"
+    assert resolve("paper-cifar100").dataset == "cifar100" and resolve("paper-svhn").dataset == "svhn"
+    assert resolve("quick").dataset == "digits"
+
+
+def test_none_keeps_the_preset_value_and_milestones_scale():
+    assert resolve("quick", epochs=None).epochs == resolve("quick").epochs
+    assert resolve("quick", epochs=200).milestones() == [100, 150]
+    assert resolve("quick", epochs=8).milestones() == [4, 6]
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(preset="nope"), "preset must be one of"),
+    (dict(method="foo"), "method must be one of"),
+    (dict(eps=-0.1), "eps must be zero or positive"),
+    (dict(eps=8), "at most 1"),
+    (dict(epochs="5"), "epochs must be an integer"),
+    (dict(epochs=2.5), "epochs must be an integer"),
+    (dict(epochs=0), "epochs must be positive"),
+    (dict(epochs=True), "epochs must be an integer"),
+    (dict(lr=float("nan")), "finite"),
+    (dict(amp="yes"), "True or False"),
+    (dict(snapshot_epochs=[0]), "snapshot_epochs"),
+    (dict(bogus=1), "unknown parameter 'bogus'"),
+])
+def test_bad_knobs_fail_with_one_sentence(kwargs, fragment):
+    with pytest.raises(ConfigError) as err:
+        resolve(**kwargs)
+    message = str(err.value)
+    assert fragment in message and "\n" not in message and message.endswith(".")
+
+
+def test_run_id_depends_only_on_what_changes_the_weights():
+    base = resolve("quick")
+    assert base.run_id() == resolve("quick").run_id()
+    assert base.run_id() == resolve("quick", device="cpu", monitor_size=10, eval_steps=7, snapshot_epochs=[2]).run_id()
+    assert base.run_id() == resolve("quick", sat_beta=0.5).run_id()          # pgd-at does not use it
+    assert base.run_id() != resolve("quick", seed=1).run_id()
+    assert base.run_id() != resolve("quick", eps=0.1).run_id()
+    assert resolve("quick", method="sat").run_id() != resolve("quick", method="sat", sat_beta=0.5).run_id()
+    assert resolve("quick", method="standard").run_id() == resolve("quick", method="standard", eps=0.1).run_id()
+
+
+def test_replace_validates():
+    cfg = resolve("quick")
+    assert cfg.replace(epochs=3).epochs == 3
+    with pytest.raises(ConfigError):
+        cfg.replace(epochs=-3)
