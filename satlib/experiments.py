@@ -7,12 +7,16 @@ robust-accuracy table once and caches it in the run's artifacts.
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
 import pandas as pd
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .attacks import ATTACKS, make_attack
 from .config import Config
@@ -59,6 +63,33 @@ def load_or_train(cfg: Config, *, store: RunStore | None = None, progress: bool 
     model = model_for(cfg, device)
     model.load_state_dict(run.load_model_state())
     return Trained(cfg, run, model.eval(), device)
+
+
+def load_or_train_many(cfgs: Sequence[Config], *, store: RunStore | None = None, workers: int | None = None,
+                       progress: bool = True) -> list[Trained]:
+    """``load_or_train`` for several configurations, training the missing ones in parallel processes.
+
+    On a CPU the small models of the ``quick`` preset are bound by per-operation overhead, so two
+    single-threaded processes train about 1.6x faster than one process with two threads (measured on
+    2 cores). On a GPU the runs are trained one after the other (``workers`` = 1).
+    """
+    store = store or RunStore()
+    missing = [c for c in cfgs if not store.run(c).finished]
+    if workers is None:
+        on_gpu = any(resolve_device(c.device).type == "cuda" for c in missing)
+        workers = 1 if on_gpu else min(len(missing), os.cpu_count() or 1)
+    if len(missing) > 1 and workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            jobs = [pool.submit(_train_quietly, c, str(store.root)) for c in missing]
+            for job in tqdm(jobs, desc="training runs", disable=not progress):
+                job.result()
+    return [load_or_train(c, store=store, progress=progress) for c in cfgs]
+
+
+def _train_quietly(cfg: Config, root: str) -> str:
+    return train(cfg, store=RunStore(root), progress=False).id
 
 
 def evaluate_run(trained: Trained, attacks: Sequence[str] = ATTACKS, *, n: int | None = None, steps: int | None = None,

@@ -22,7 +22,7 @@ from ..config import Config
 from ..data import DATASETS, ArrayDataset, batches, load
 from ..evaluation import correct_mask
 from ..models import build_model
-from ..runs import Run, RunStore
+from ..runs import Run, RunLocked, RunStore
 from .methods import build_step
 
 
@@ -66,12 +66,27 @@ def accuracy(model: nn.Module, data: ArrayDataset, attack: PGD | None = None, am
 
 
 def train(cfg: Config, *, store: RunStore | None = None, progress: bool = True,
-          callbacks: Sequence[EpochCallback] = ()) -> Run:
-    """Train (or resume, or just return) the run of ``cfg``; see the module docstring."""
+          callbacks: Sequence[EpochCallback] = (), wait: bool = True) -> Run:
+    """Train (or resume, or just return) the run of ``cfg``; see the module docstring.
+
+    If another live process is training the same run, wait for it to finish (``wait``) or raise
+    ``RunLocked``.
+    """
     run = (store or RunStore()).run(cfg)
+    told = False
+    while not run.finished:
+        try:
+            run.lock()
+            break
+        except RunLocked as err:
+            if not wait:
+                raise
+            if not told:
+                print(f"{err} Waiting for it.", flush=True)
+                told = True
+            time.sleep(2)
     if run.finished:
         return run
-    run.lock()
     try:
         _train(cfg, run, progress, callbacks)
     finally:
