@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import sys
 
 from .attacks import ATTACKS
@@ -14,6 +15,7 @@ EXAMPLES = """examples:
   python -m satlib train --preset paper --method sat                # CIFAR-10, 200 epochs, GPU
   torchrun --nproc_per_node=4 -m satlib train --preset paper --method sat-trades
   python -m satlib evaluate --preset quick --method pgd-at --attacks fgsm,pgd,autoattack
+  python -m satlib evaluate --preset quick --method pgd-at --attacks pgd,lafeat   # heads trained once, cached
   python -m satlib runs                                            # what the run store holds
 """
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                             description="Evaluate a run (training it first if the store lacks it).")
     _add_run_options(p_eval)
     p_eval.add_argument("--attacks", default=",".join(ATTACKS),
-                        help=f"comma-separated attacks among {', '.join(ATTACKS)} (default: all)")
+                        help=f"comma-separated attacks among {', '.join(ATTACKS)}, lafeat (default: all but lafeat)")
     p_eval.add_argument("--steps", type=int, help="iterations of BIM, PGD and CW (default: the preset's eval_steps)")
     p_eval.add_argument("--restarts", type=int, default=1, help="random restarts of PGD and CW (default 1)")
     p_eval.add_argument("--n", type=int, help="evaluate on the first N test samples (default: all)")
@@ -79,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(args)
         if args.command == "evaluate":
             attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-            unknown = [a for a in attacks if a.lower() not in ATTACKS]
+            unknown = [a for a in attacks if a.lower() not in (*ATTACKS, "lafeat")]
             if unknown:
-                raise ConfigError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}.")
+                raise ConfigError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}, lafeat.")
         from .experiments import evaluate_run, load_or_train
         trained = load_or_train(cfg)
+        if os.environ.get("RANK", "0") != "0":        # under torchrun only rank 0 reports
+            return 0
         if args.command == "train":
             print(trained.run.metrics().tail(1).to_string(index=False))
             print(f"run {trained.run.id} stored in {trained.run.dir}")

@@ -23,6 +23,8 @@ MODELS = ("resnet18", "wrn-28-10")
 METHODS = ("standard", "pgd-at", "trades", "mart", "awp-at", "sat", "sat-trades", "sat-awp-at")
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 DEVICES = ("auto", "cpu", "cuda")
+CLUSTER_FORMS = ("paper", "code")   # L_Cluster: Eq. 10 as printed, or the released code's variant (Chapter 5)
+COMPILE = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Config:
     awp_warmup: int = 0
     sat_lambda: float = 0.087
     sat_beta: float = 0.1
+    sat_cluster_form: str = "paper"      # "paper": Eq. 10; "code": the released code's L_Cluster (NOTES E8)
     # per-epoch monitoring: clean and PGD accuracy on the first `monitor_size` test samples
     monitor_size: int = 512
     monitor_steps: int = 10
@@ -66,7 +69,7 @@ class Config:
     # hardware
     device: str = "auto"
     amp: bool = True                     # bf16 autocast where the device supports it (CUDA)
-    compile: bool = False
+    compile: str = "auto"                # torch.compile: "auto" (on CUDA only), "on" or "off"
     channels_last: bool = True
 
     # -- identity ---------------------------------------------------------------------------------
@@ -78,7 +81,8 @@ class Config:
         # method weights that a method does not use must not split the store
         uses = {"trades_beta": ("trades", "sat-trades"), "mart_beta": ("mart",),
                 "awp_gamma": ("awp-at", "sat-awp-at"), "awp_warmup": ("awp-at", "sat-awp-at"),
-                "sat_lambda": ("sat", "sat-trades", "sat-awp-at"), "sat_beta": ("sat", "sat-trades", "sat-awp-at")}
+                "sat_lambda": ("sat", "sat-trades", "sat-awp-at"), "sat_beta": ("sat", "sat-trades", "sat-awp-at"),
+                "sat_cluster_form": ("sat", "sat-trades", "sat-awp-at")}
         for knob, methods in uses.items():
             if self.method not in methods:
                 key.pop(knob)
@@ -123,7 +127,8 @@ PRESETS["paper-cifar100"] = {**PRESETS["paper"], "dataset": "cifar100"}
 PRESETS["paper-svhn"] = {**PRESETS["paper"], "dataset": "svhn"}
 
 
-_CHOICES = {"dataset": DATASETS, "model": MODELS, "method": METHODS, "augment": AUGMENTATIONS, "device": DEVICES}
+_CHOICES = {"dataset": DATASETS, "model": MODELS, "method": METHODS, "augment": AUGMENTATIONS, "device": DEVICES,
+            "compile": COMPILE, "sat_cluster_form": CLUSTER_FORMS}
 _POSITIVE = {"width", "epochs", "batch_size", "lr", "monitor_size", "eval_steps"}
 _NON_NEGATIVE = {"seed", "momentum", "weight_decay", "train_limit", "eps", "step_size", "attack_steps",
                  "trades_beta", "mart_beta", "awp_gamma", "awp_warmup", "sat_lambda", "sat_beta",

@@ -282,20 +282,28 @@ def _augment(x: torch.Tensor, augment: str, generator: torch.Generator | None) -
 
 def batches(ds: ArrayDataset, batch_size: int, *, shuffle: bool,
             generator: torch.Generator | None = None, augment: str | None = None,
-            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            drop_last: bool = False, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches sliced from ``ds`` on its own device (no DataLoader).
 
     ``shuffle`` draws one ``torch.randperm`` per call from ``generator`` (on CPU);
     ``augment`` is None, ``"crop"`` (zero-pad ``size // 8`` pixels, random crop) or
     ``"crop-flip"`` (crop, then random horizontal flip), drawn from ``generator`` too,
-    so a seeded generator gives reproducible epochs.
+    so a seeded generator gives reproducible epochs. With ``world_size`` > 1 (data-parallel
+    training) every process draws the same permutation and keeps every ``world_size``-th sample
+    from position ``rank``: the shards are disjoint and cover the data.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if augment not in AUGMENTATIONS:
         raise ValueError(f"unknown augment {augment!r}; allowed: None, 'crop', 'crop-flip'")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
     n = len(ds)
-    perm = torch.randperm(n, generator=generator, device="cpu").to(ds.x.device) if shuffle else None
+    perm = torch.randperm(n, generator=generator, device="cpu") if shuffle else None
+    if world_size > 1:
+        perm = (torch.arange(n) if perm is None else perm)[rank::world_size]
+        n = len(perm)
+    perm = perm.to(ds.x.device) if perm is not None else None
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
         if perm is None:

@@ -18,9 +18,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .attacks import ATTACKS, make_attack
+from .attacks import ATTACKS, LAFEAT, make_attack, train_heads
+from .attacks.lafeat import HEAD_DEFAULTS as LAFEAT_HEAD_DEFAULTS
+from .attacks.lafeat import default_layers as lafeat_default_layers
+from .attacks.lafeat import heads_state, load_heads_state, make_heads
 from .config import Config
-from .data import ArrayDataset, load
+from .data import DATASETS, ArrayDataset, load
 from .evaluation import evaluate
 from .runs import Run, RunStore
 from .training import model_for, resolve_device, train
@@ -92,14 +95,89 @@ def _train_quietly(cfg: Config, root: str) -> str:
     return train(cfg, store=RunStore(root), progress=False).id
 
 
+def evaluate_many(trained: Sequence[Trained], attacks: Sequence[str] | Sequence[Sequence[str]] = ATTACKS, *,
+                  n: int | None = None, steps: int | None = None, restarts: int = 1, workers: int | None = None,
+                  progress: bool = True) -> list[pd.DataFrame]:
+    """``evaluate_run`` for several runs (Chapter 5's Table 1), computed in parallel processes on a CPU.
+
+    ``attacks`` is one list of attack names for every run, or one list per run. Each evaluation is
+    seeded with its run's seed, so a cached table does not depend on which process computed it or
+    in which order. Workers find finished evaluations in the runs' caches and skip them; on a GPU
+    (or with ``workers`` = 1) the runs are evaluated one after the other in this process.
+    """
+    per_run = ([list(attacks)] * len(trained) if not attacks or isinstance(attacks[0], str)
+               else [list(a) for a in attacks])
+    if len(per_run) != len(trained):
+        raise ValueError(f"got {len(per_run)} attack lists for {len(trained)} runs")
+    if workers is None:
+        on_gpu = any(t.device.type == "cuda" for t in trained)
+        workers = 1 if on_gpu else min(len(trained), os.cpu_count() or 1)
+    if len(trained) > 1 and workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        order = sorted(range(len(trained)), key=lambda i: ("autoattack" not in per_run[i], -len(per_run[i])))
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            jobs = [pool.submit(_evaluate_quietly, trained[i].cfg, str(trained[i].run.dir.parent), per_run[i], n,
+                                steps, restarts) for i in order]
+            for job in tqdm(jobs, desc="evaluating runs", disable=not progress):
+                job.result()
+    frames = []
+    for t, names in zip(trained, per_run):
+        torch.manual_seed(t.cfg.seed)
+        frames.append(evaluate_run(t, names, n=n, steps=steps, restarts=restarts))
+    return frames
+
+
+def _evaluate_quietly(cfg: Config, root: str, attacks: list[str], n: int | None, steps: int | None,
+                      restarts: int) -> None:
+    trained = load_or_train(cfg, store=RunStore(root), progress=False)
+    torch.manual_seed(cfg.seed)
+    evaluate_run(trained, attacks, n=n, steps=steps, restarts=restarts)
+
+
 def evaluate_run(trained: Trained, attacks: Sequence[str] = ATTACKS, *, n: int | None = None, steps: int | None = None,
                  restarts: int = 1, progress: bool = False) -> pd.DataFrame:
     """Table-1 row of a run: clean, each attack and the worst case, cached in the run's artifacts."""
     cfg = trained.cfg
     steps = cfg.eval_steps if steps is None else steps
-    built = {a.name: a for a in (make_attack(name, eps=cfg.eps, steps=steps, restarts=restarts, amp=trained.amp,
+    built = {a.name: a for a in (lafeat_for(trained, steps=steps) if name.lower() == "lafeat" else
+                                 make_attack(name, eps=cfg.eps, steps=steps, restarts=restarts, amp=trained.amp,
                                              seed=cfg.seed) for name in attacks)}
     data = trained.test_set(n)
     key = hashlib.sha256(repr((sorted(map(repr, built.values())), len(data))).encode()).hexdigest()[:10]
     return trained.run.cached_frame(f"evaluation-{key}", lambda: evaluate(
         trained.model, data, built, amp=trained.amp, progress=progress))
+
+
+_LAFEAT_ATTACKS: dict[str, LAFEAT] = {}
+
+
+def lafeat_for(trained: Trained, *, steps: int | None = None, layers: Sequence[str] | None = None,
+               **options) -> LAFEAT:
+    """LAFEAT (Chapter 4) on a run: its heads trained once on the run's training set and cached in its artifacts.
+
+    ``layers`` (default: the penultimate residual block, the authors' choice) and the head options of
+    ``satlib.attacks.lafeat.train_heads`` (``epochs``, ``lr``, ``min_lr``, ``batch_size``,
+    ``weight_decay``, ``hidden``, ``pool``, ``activation``, ``target``; the authors' values by
+    default) name the cached heads; the remaining ``options`` go to ``LAFEAT`` (``betas``,
+    ``momentum``, ``step_scale``, ``start``). ``steps`` defaults to ``cfg.eval_steps``. Within a
+    process the same arguments return the same attack object, which remembers its last results, so
+    an accuracy table, clustering accuracy and feature shifts of one test set share one attack run.
+    """
+    cfg = trained.cfg
+    steps = cfg.eval_steps if steps is None else steps
+    layers = lafeat_default_layers(trained.model) if layers is None else list(layers)
+    head_options = {**LAFEAT_HEAD_DEFAULTS, **{k: options.pop(k) for k in list(options) if k in LAFEAT_HEAD_DEFAULTS}}
+    head_options["seed"] = cfg.seed
+    head_key = hashlib.sha256(repr(sorted(head_options.items())).encode()).hexdigest()[:10]
+    name = f"lafeat-heads-{'+'.join(layers)}-{head_key}"
+    state = trained.run.cached_tensors(name, lambda: heads_state(
+        train_heads(trained.model, trained.train_set(), layers, **head_options)))
+    sample = load(cfg.dataset, "test").x[:1]
+    num_classes = DATASETS[cfg.dataset].num_classes
+    heads = load_heads_state(make_heads(trained.model, sample, layers, num_classes, hidden=head_options["hidden"],
+                                        pool=head_options["pool"], activation=head_options["activation"]), state)
+    options = {"seed": cfg.seed, "amp": trained.amp, "memo": 8, **options}
+    attack = LAFEAT(cfg.eps, heads, steps=steps, **options)
+    key = f"{trained.run.dir}|{attack!r}|{options.get('amp')}"
+    return _LAFEAT_ATTACKS.setdefault(key, attack)

@@ -6,12 +6,16 @@ corrected versions of its arguments (reading notes E2, E3, E4 and E7):
 
 * Gaussian differential entropy and its three upper bounds (Proposition 2 as printed,
   the tighter bound its proof actually gives, and the Hadamard bound in between);
-* the overlap integral of two Gaussian densities, and the Renyi-2 entropy of a Gaussian
-  mixture, which replace the faulty step ``int p^2 <= 1`` of the appendix's proof;
+* the overlap integral of two Gaussian densities, the Renyi-2 entropy of a Gaussian
+  mixture and the upper bound on the IB loss built from it, which replace the faulty step
+  ``int p^2 <= 1`` of the appendix's proof; a Monte Carlo Shannon entropy of a mixture to
+  check them against;
 * the information-bottleneck loss for a discrete, deterministic representation, in the
   paper's form and in the decomposed form that makes its three cases one-liners;
 * plug-in (binning) and noise-added (pairwise-distance / KDE) estimators of entropies
   and mutual information of network features;
+* the per-class spread of features (the variance form of Proposition 2 and the
+  standard-deviation form of L_Cluster) and the bounds on H(T|Y) each one controls;
 * the constrained version of Theorem 1: problems (5) and (6) over C Gaussian classes,
   solved by projected gradient descent.
 
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import numpy as np
+import scipy.linalg
 import scipy.special
 import torch
 
@@ -40,6 +45,10 @@ __all__ = [
     "gaussian_overlap",
     "gaussian_self_overlap",
     "renyi2_entropy_mixture",
+    "MonteCarloEstimate",
+    "gaussian_mixture_entropy_mc",
+    "IBMixtureBound",
+    "ib_loss_upper_bound_mixture",
     # discrete IB loss (Eq. 3-4, notes E2)
     "DiscreteEntropies",
     "discrete_entropies",
@@ -52,7 +61,11 @@ __all__ = [
     "kde_entropy_upper",
     "kde_entropy_lower",
     "kde_conditional_entropy_upper",
+    "kde_conditional_entropy_lower",
     "kde_mutual_information",
+    # the spread term of L_Cluster and the entropy bounds it controls (notes E3, E6)
+    "ClassSpread",
+    "class_spread",
     # constrained Theorem 1 experiment (notes E4)
     "objective_distance",
     "objective_overlap",
@@ -227,6 +240,30 @@ def gaussian_self_overlap(cov):
     return _out(np.exp(-0.5 * (K * math.log(4.0 * math.pi) + _logdet_pd(S, "cov"))))
 
 
+def _mixture_inputs(weights, means, covs):
+    """Validate a Gaussian mixture: weights [M] (normalised here), means [M, K], covs [M, K, K]."""
+    w = _as_float64(weights, "weights").reshape(-1)
+    mu = _as_float64(means, "means")
+    S = _as_cov(covs, "covs")
+    if mu.ndim != 2 or S.ndim != 3 or not (len(w) == mu.shape[0] == S.shape[0]) or mu.shape[1] != S.shape[-1]:
+        raise ValueError(
+            "expected weights [M], means [M, K] and covs [M, K, K]; got shapes "
+            f"{tuple(w.shape)}, {tuple(mu.shape)}, {tuple(S.shape)}."
+        )
+    if np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be non-negative with a positive sum.")
+    return w / w.sum(), mu, S
+
+
+def _log_collision_matrix(mu: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """``[M, M]`` matrix of ``log int N(t; mu_i, S_i) N(t; mu_j, S_j) dt``."""
+    M = mu.shape[0]
+    return np.asarray(
+        log_gaussian_overlap(mu[:, None, :], S[:, None], mu[None, :, :], S[None, :]),
+        dtype=np.float64,
+    ).reshape(M, M)
+
+
 def renyi2_entropy_mixture(weights, means, covs) -> float:
     """Renyi-2 entropy ``-log int p(t)^2 dt`` of a Gaussian mixture (Chapter 3, notes E4).
 
@@ -235,25 +272,102 @@ def renyi2_entropy_mixture(weights, means, covs) -> float:
     small pairwise overlaps (problem (6) of Theorem 1) raise a lower bound on H(T).
     ``weights`` [M] (non-negative; normalised here), ``means`` [M, K], ``covs`` [M, K, K].
     """
-    w = _as_float64(weights, "weights").reshape(-1)
-    mu = _as_float64(means, "means")
-    S = _as_cov(covs, "covs")
-    if mu.ndim != 2 or S.ndim != 3 or not (len(w) == mu.shape[0] == S.shape[0]):
-        raise ValueError(
-            "expected weights [M], means [M, K] and covs [M, K, K]; got shapes "
-            f"{tuple(w.shape)}, {tuple(mu.shape)}, {tuple(S.shape)}."
-        )
-    if np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("weights must be non-negative with a positive sum.")
-    w = w / w.sum()
-    lo = np.asarray(
-        log_gaussian_overlap(mu[:, None, :], S[:, None], mu[None, :, :], S[None, :]),
-        dtype=np.float64,
-    ).reshape(len(w), len(w))
+    w, mu, S = _mixture_inputs(weights, means, covs)
+    lo = _log_collision_matrix(mu, S)
     with np.errstate(divide="ignore"):
         logw = np.log(w)
     log_int_p2 = scipy.special.logsumexp(logw[:, None] + logw[None, :] + lo)
     return float(-log_int_p2)
+
+
+class MonteCarloEstimate(NamedTuple):
+    """A Monte Carlo mean and its standard error."""
+
+    value: float
+    stderr: float
+
+
+def gaussian_mixture_entropy_mc(weights, means, covs, n: int = 100_000, seed: int = 0) -> MonteCarloEstimate:
+    """Shannon entropy (nats) of a Gaussian mixture by Monte Carlo (Chapter 3).
+
+    A mixture of Gaussians has no closed-form entropy. With ``n`` samples ``t_m`` drawn from
+    ``p = sum_i w_i N(mu_i, S_i)`` (numpy generator seeded with ``seed``), the estimate is
+    ``-(1/n) sum_m log p(t_m)``, with ``log p`` evaluated exactly (Cholesky factors,
+    log-sum-exp over components); ``stderr`` is the standard error of that mean. Used to
+    check Renyi-2 <= Shannon (notes E4), Proposition 1 on non-Gaussian variables, and the
+    upper bound :func:`ib_loss_upper_bound_mixture`.
+    """
+    w, mu, S = _mixture_inputs(weights, means, covs)
+    n = int(n)
+    if n < 2:
+        raise ValueError(f"n must be >= 2 samples; got {n}.")
+    M, K = mu.shape
+    rng = np.random.default_rng(seed)
+    L = _cholesky(S, "covs")
+    comp = rng.choice(M, size=n, p=w)
+    z = rng.standard_normal((n, K))
+    t = mu[comp] + np.einsum("nij,nj->ni", L[comp], z)
+    logdet = 2.0 * np.sum(np.log(np.diagonal(L, axis1=-2, axis2=-1)), axis=-1)
+    with np.errstate(divide="ignore"):
+        logw = np.log(w)
+    logp = np.empty((M, n))
+    for m in range(M):
+        y = scipy.linalg.solve_triangular(L[m], (t - mu[m]).T, lower=True)
+        logp[m] = logw[m] - 0.5 * (K * _LOG_2PI + logdet[m] + np.sum(y * y, axis=0))
+    neg = -scipy.special.logsumexp(logp, axis=0)
+    return MonteCarloEstimate(float(neg.mean()), float(neg.std(ddof=1) / math.sqrt(n)))
+
+
+class IBMixtureBound(NamedTuple):
+    """Pieces of :func:`ib_loss_upper_bound_mixture` (nats)."""
+
+    bound: float  # (gamma - 1) log int p^2 + gamma * conditional_entropy_bound
+    linear_bound: float  # the same with log int p^2 <= int p^2 - 1
+    collision: float  # int p^2 = self_term + cross_term
+    self_term: float  # sum_i w_i^2 int p_i^2
+    cross_term: float  # 2 sum_{i<j} w_i w_j int p_i p_j (the overlaps of problem (6))
+    conditional_entropy_bound: float  # sum_i w_i (K/2 log 2 pi + 1/2 tr S_i) >= H(T|Y)
+
+
+def ib_loss_upper_bound_mixture(weights, means, covs, gamma: float) -> IBMixtureBound:
+    """Sound upper bound on ``(1 - gamma) H(T) + gamma H(T|Y)`` for ``gamma >= 1`` (Chapter 3, notes E4, E7).
+
+    T has class-conditional densities ``N(mu_i, S_i)`` with class probabilities ``w_i``, so
+    p(t) is the mixture. Two facts give the bound, replacing the appendix's faulty step
+    ``int p_i^2 <= 1``:
+
+    * ``H(T) >= H_2(T) = -log int p^2`` (Renyi-2 <= Shannon), and
+      ``int p^2 = sum_i w_i^2 int p_i^2 + 2 sum_{i<j} w_i w_j int p_i p_j``;
+    * ``H(T|Y) <= sum_i w_i (K/2 log 2 pi + 1/2 tr S_i)`` (Propositions 1 and 2, tight form).
+
+    For ``gamma >= 1``: ``L <= (gamma - 1) log int p^2 + gamma sum_i w_i (K/2 log 2 pi + 1/2 tr S_i)``,
+    and ``log x <= x - 1`` gives the looser ``linear_bound``, which is linear in the pairwise
+    overlaps of problem (6) and in the traces. Its *self* term ``sum_i w_i^2 int p_i^2``
+    grows without limit as the classes tighten; it is bounded by a constant only when
+    the variances are bounded below (for Gaussians, ``int p_i^2 <= (4 pi s_min^2)^(-K/2)``
+    when every eigenvalue of ``S_i`` is at least ``s_min^2``).
+    """
+    gamma = float(gamma)
+    if not gamma >= 1.0:
+        raise ValueError(
+            f"gamma must be >= 1: for gamma < 1 the coefficient of H(T) is positive and a lower "
+            f"bound on H(T) gives no upper bound on the loss; got {gamma}."
+        )
+    w, mu, S = _mixture_inputs(weights, means, covs)
+    K = mu.shape[1]
+    P = np.exp(_log_collision_matrix(mu, S)) * w[:, None] * w[None, :]
+    self_term = float(np.trace(P))
+    cross_term = float(P.sum() - np.trace(P))
+    collision = self_term + cross_term
+    h_y = float(np.sum(w * (0.5 * K * _LOG_2PI + 0.5 * np.trace(S, axis1=-2, axis2=-1))))
+    return IBMixtureBound(
+        bound=(gamma - 1.0) * math.log(collision) + gamma * h_y,
+        linear_bound=(gamma - 1.0) * (collision - 1.0) + gamma * h_y,
+        collision=collision,
+        self_term=self_term,
+        cross_term=cross_term,
+        conditional_entropy_bound=h_y,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -508,12 +622,7 @@ def kde_entropy_lower(features, noise_var: float) -> float:
     return 0.5 * K * math.log(2.0 * math.pi * math.e * s) - _mean_log_kernel_mean(x, 8.0 * s)
 
 
-def kde_conditional_entropy_upper(features, labels, noise_var: float) -> float:
-    """Upper bound on ``H(T + Z | Y) = sum_y p(y) H(T + Z | Y = y)`` (Chapter 3).
-
-    Applies :func:`kde_entropy_upper` to the rows of each class separately and averages
-    with the empirical class frequencies.
-    """
+def _kde_conditional(features, labels, noise_var: float, entropy: Callable) -> float:
     s = _check_noise_var(noise_var)
     x = _features_torch(features)
     y = torch.from_numpy(_labels_1d(labels, x.shape[0]))
@@ -521,8 +630,27 @@ def kde_conditional_entropy_upper(features, labels, noise_var: float) -> float:
     total = 0.0
     for c in torch.unique(y):
         xc = x[y == c]
-        total += xc.shape[0] / n * kde_entropy_upper(xc, s)
+        total += xc.shape[0] / n * entropy(xc, s)
     return total
+
+
+def kde_conditional_entropy_upper(features, labels, noise_var: float) -> float:
+    """Upper bound on ``H(T + Z | Y) = sum_y p(y) H(T + Z | Y = y)`` (Chapter 3).
+
+    Applies :func:`kde_entropy_upper` to the rows of each class separately and averages
+    with the empirical class frequencies.
+    """
+    return _kde_conditional(features, labels, noise_var, kde_entropy_upper)
+
+
+def kde_conditional_entropy_lower(features, labels, noise_var: float) -> float:
+    """Lower bound on ``H(T + Z | Y)``: :func:`kde_entropy_lower` per class, weighted (Chapter 3).
+
+    Together with the Gaussian maximum-entropy bound (Proposition 1) applied to each
+    class's empirical mixture, whose covariance is the class covariance (denominator
+    ``n_i``) plus ``noise_var I``, it brackets the noise-added conditional entropy.
+    """
+    return _kde_conditional(features, labels, noise_var, kde_entropy_lower)
 
 
 @dataclass(frozen=True)
@@ -560,6 +688,95 @@ def kde_mutual_information(features, labels, noise_var: float) -> KDEInformation
     h = kde_entropy_upper(x, s)
     h_y = kde_conditional_entropy_upper(x, labels, s)
     return KDEInformation(H_T=h, H_T_given_Y=h_y, I_T_Y=h - h_y, I_X_T=h - h_noise, H_noise=h_noise)
+
+
+# ---------------------------------------------------------------------------
+# The spread term of L_Cluster and what it bounds (notes E3, E6)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassSpread:
+    """Per-class spread of features T given labels Y (Chapter 3; L_Cluster is Eq. 8/10, Chapter 5).
+
+    Arrays have one entry per class present in the labels: ``weights`` (class frequencies
+    p_i), ``traces`` (``tr Sigma^i``, the sum of the per-dimension variances),
+    ``std_sums`` (``S_i = sum_k sqrt(Sigma^i_kk)``, the term of L_Cluster) and
+    ``log_var_sums`` (``sum_k log Sigma^i_kk``; ``-inf`` when a dimension is constant in a
+    class). Variances use the class size as denominator, like the loss. ``dim`` is K,
+    ``total_trace`` the trace of the covariance of T over all classes.
+
+    Three upper bounds on H(T|Y), each valid for any distribution with these second
+    moments (Proposition 1) and ordered
+    ``hadamard_bound <= std_bound <= variance_bound``:
+
+    * ``variance_bound = K/2 log 2 pi + 1/2 sum_i p_i tr Sigma^i`` (Proposition 2, tight
+      form; notes E3), linear in the variances;
+    * ``std_bound = K/2 log(2 pi e) + K log(sum_i p_i S_i / K)``, from the Hadamard bound,
+      the AM-GM inequality ``sum_k log sigma_k <= K log(S / K)`` and Jensen's inequality over
+      classes: monotone in the class-weighted sum of standard deviations, which is
+      L_Cluster for one layer when the classes are balanced;
+    * ``hadamard_bound = sum_i p_i (K/2 log(2 pi e) + 1/2 sum_k log Sigma^i_kk)``.
+
+    ``std_sums`` alone does not control ``traces``: ``S_i`` can fall while ``tr Sigma^i``
+    rises (variance moved into fewer dimensions); only ``S_i^2 / K <= tr Sigma^i <= S_i^2``
+    holds (Cauchy-Schwarz).
+    """
+
+    weights: np.ndarray
+    traces: np.ndarray
+    std_sums: np.ndarray
+    log_var_sums: np.ndarray
+    dim: int
+    total_trace: float
+
+    @property
+    def variance_bound(self) -> float:
+        return float(0.5 * self.dim * _LOG_2PI + 0.5 * np.sum(self.weights * self.traces))
+
+    @property
+    def std_bound(self) -> float:
+        mean_s = float(np.sum(self.weights * self.std_sums))
+        if mean_s <= 0:
+            return -math.inf
+        return float(0.5 * self.dim * (_LOG_2PI + 1.0) + self.dim * math.log(mean_s / self.dim))
+
+    @property
+    def hadamard_bound(self) -> float:
+        return float(np.sum(self.weights * (0.5 * self.dim * (_LOG_2PI + 1.0) + 0.5 * self.log_var_sums)))
+
+    @property
+    def l_cluster(self) -> float:
+        """Mean over classes (unweighted) of ``S_i``: Eq. (8) for one layer, without its epsilon."""
+        return float(np.mean(self.std_sums))
+
+    @property
+    def within_fraction(self) -> float:
+        """``sum_i p_i tr Sigma^i / tr Sigma_T``: the share of the variance left inside the classes."""
+        return float(np.sum(self.weights * self.traces) / self.total_trace) if self.total_trace > 0 else math.nan
+
+
+def class_spread(features, labels) -> ClassSpread:
+    """Per-class traces and standard-deviation sums of features [N, ...] (Chapter 3, notes E3, E6).
+
+    See :class:`ClassSpread` for the bounds on H(T|Y) they give and how the
+    standard-deviation form of L_Cluster relates to the variance form of Proposition 2.
+    """
+    x = _features_2d(features)
+    n, K = x.shape
+    y = _labels_1d(labels, n)
+    C = int(y.max()) + 1
+    weights, traces, std_sums, log_var_sums = (np.empty(C) for _ in range(4))
+    for c in range(C):
+        xc = x[y == c]
+        var = np.mean((xc - xc.mean(axis=0)) ** 2, axis=0)
+        weights[c] = xc.shape[0] / n
+        traces[c] = var.sum()
+        std_sums[c] = np.sqrt(var).sum()
+        with np.errstate(divide="ignore"):
+            log_var_sums[c] = np.log(var).sum()
+    total = float(np.mean((x - x.mean(axis=0)) ** 2, axis=0).sum())
+    return ClassSpread(weights, traces, std_sums, log_var_sums, K, total)
 
 
 # ---------------------------------------------------------------------------
@@ -621,11 +838,13 @@ _OBJECTIVES: dict[str, Callable] = {"distance": objective_distance, "overlap": o
 @dataclass(frozen=True)
 class ConstrainedSolution:
     """Result of :func:`solve_constrained`: final means [C, K], variances [C] or [C, K],
-    and the objective value at every step."""
+    the objective value at every step, and the random starting point."""
 
     means: np.ndarray
     variances: np.ndarray
     objective_trace: np.ndarray
+    initial_means: np.ndarray | None = None
+    initial_variances: np.ndarray | None = None
 
     @property
     def objective(self) -> float:
@@ -689,6 +908,7 @@ def solve_constrained(
     v_shape = (C, K) if diagonal else (C,)
     v_min = float(s_min) ** 2
     variances = (v_min * (1.0 + 3.0 * torch.rand(v_shape, generator=g, dtype=torch.float64))).requires_grad_(True)
+    start = (means.detach().numpy().copy(), variances.detach().numpy().copy())
 
     trace = np.empty(steps, dtype=np.float64)
     for step in range(steps):
@@ -707,6 +927,8 @@ def solve_constrained(
         means=means.detach().numpy().copy(),
         variances=variances.detach().numpy().copy(),
         objective_trace=trace,
+        initial_means=start[0],
+        initial_variances=start[1],
     )
 
 

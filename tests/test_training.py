@@ -79,8 +79,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = resolve("quick", **TINY)
     original = methods_module.TrainingStep.__call__
 
-    def poisoned(self, model, optimizer, x, y, epoch):
-        loss, terms, logits = original(self, model, optimizer, x, y, epoch)
+    def poisoned(self, model, optimizer, x, y, epoch, **kwargs):
+        loss, terms, logits = original(self, model, optimizer, x, y, epoch, **kwargs)
         return (loss * float("nan") if epoch == 2 else loss), terms, logits
 
     monkeypatch.setattr(methods_module.TrainingStep, "__call__", poisoned)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .autoattack import AutoAttack
 from .base import Attack, attack_mode, project
 from .iterative import BIM, FGSM, PGD, CWInf, SignGradientAttack
+from .lafeat import LAFEAT, train_heads
 from .objectives import CrossEntropy, CWMargin, KLDivergence, Objective, margin
 
 ATTACKS = ("fgsm", "bim", "pgd", "cw", "autoattack")
@@ -27,4 +28,5 @@ def make_attack(name: str, *, eps: float, steps: int = 100, step_size: float | N
 
 
 __all__ = ["ATTACKS", "Attack", "AutoAttack", "BIM", "CWInf", "CWMargin", "CrossEntropy", "FGSM", "KLDivergence",
-           "Objective", "PGD", "SignGradientAttack", "attack_mode", "make_attack", "margin", "project"]
+           "LAFEAT", "Objective", "PGD", "SignGradientAttack", "attack_mode", "make_attack", "margin", "project",
+           "train_heads"]

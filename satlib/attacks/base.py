@@ -35,8 +35,8 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def autocast(x: torch.Tensor, enabled: bool):
-    """bf16 autocast on CUDA when ``enabled``; a no-op context elsewhere (CPU numerics stay fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and x.is_cuda)
+    """bf16 autocast on the device of ``x`` when ``enabled`` (the trainer enables it on CUDA only)."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 class Attack:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .features import FeatureTap, conv_layers, last_stage_blocks, residual_blocks
+from .features import FeatureTap, conv_layers, last_stage_blocks, residual_blocks, unwrap
 from .resnet import ResNet18
 from .wrn import WideResNet
 
@@ -20,4 +20,4 @@ def build_model(name: str, *, num_classes: int, in_channels: int, width: int = 6
 
 
 __all__ = ["FeatureTap", "MODELS", "ResNet18", "WideResNet", "build_model", "conv_layers",
-           "last_stage_blocks", "residual_blocks"]
+           "last_stage_blocks", "residual_blocks", "unwrap"]

@@ -13,6 +13,15 @@ import torch
 from torch import nn
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and torch.compile wrappers (layer names unchanged)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
 def conv_layers(model: nn.Module, *, include_shortcuts: bool = False) -> list[str]:
     """Names of the model's conv layers in forward order (the x-axis of the paper's Figure 2).
 
@@ -70,6 +79,7 @@ class FeatureTap:
     """
 
     def __init__(self, model: nn.Module, names: list[str] | tuple[str, ...]):
+        model = unwrap(model)
         modules = dict(model.named_modules())
         unknown = [n for n in names if n not in modules]
         if unknown:

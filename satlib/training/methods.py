@@ -65,7 +65,7 @@ class TrainingObjective:
         self.method, self.layers, self.num_classes = method, layers, num_classes
         self.outer = OUTER_LOSSES[method.outer]
         self.weights = {"trades_beta": cfg.trades_beta, "mart_beta": cfg.mart_beta}
-        self.sat_beta = cfg.sat_beta
+        self.sat_beta, self.sat_form = cfg.sat_beta, cfg.sat_cluster_form
         self.needs_clean = method.outer in ("trades", "mart")
 
     def __call__(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor):
@@ -74,7 +74,8 @@ class TrainingObjective:
         logits_clean = model(x) if self.needs_clean else None
         terms = self.outer(logits_adv, logits_clean, y, **self.weights)
         if self.method.sat:
-            terms["cluster"] = self.sat_beta * cluster_loss([tap[l] for l in self.layers], y, self.num_classes)
+            terms["cluster"] = self.sat_beta * cluster_loss([tap[l] for l in self.layers], y, self.num_classes,
+                                                            form=self.sat_form)
         return sum(terms.values()), terms, logits_adv
 
 
@@ -88,12 +89,18 @@ class TrainingStep:
     awp_warmup: int
 
     def __call__(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 epoch: int):
-        """One optimisation step; returns (loss, terms, logits on the training inputs), all detached."""
-        x_adv = self.attack(model, x, y) if self.attack is not None else x
+                 epoch: int, plain: nn.Module | None = None):
+        """One optimisation step; returns (loss, terms, logits on the training inputs), all detached.
+
+        ``model`` computes the training loss (it may be a DistributedDataParallel wrapper); ``plain``
+        (default ``model``) is the unwrapped model the attack and AWP's direction use, so their extra
+        backward passes never reach the data-parallel gradient reducer.
+        """
+        plain = model if plain is None else plain
+        x_adv = self.attack(plain, x, y) if self.attack is not None else x
         applied = []
         if self.awp is not None and epoch > self.awp_warmup:
-            applied = self.awp.perturb(model, lambda: self.objective(model, x, x_adv, y)[0])
+            applied = self.awp.perturb(plain, lambda: self.objective(plain, x, x_adv, y)[0])
         loss, terms, logits = self.objective(model, x, x_adv, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

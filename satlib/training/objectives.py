@@ -22,12 +22,15 @@ def feature_shift(adv: dict[str, torch.Tensor], clean: dict[str, torch.Tensor], 
 
 
 class FeatureShiftObjective(Objective):
-    """``base - Lambda * feature_shift`` with Lambda ~ U(0, ``lam``) redrawn at each call (one attack step)."""
+    """``base - Lambda * feature_shift`` with Lambda ~ U(0, ``lam``) redrawn at each call (one attack step).
 
-    def __init__(self, base: Objective, layers: list[str], lam: float):
+    ``random=False`` keeps Lambda = ``lam`` fixed: Eq. 7 itself, as the lambda search of Sec. 6.1 uses it.
+    """
+
+    def __init__(self, base: Objective, layers: list[str], lam: float, *, random: bool = True):
         if not layers:
             raise ValueError("FeatureShiftObjective needs at least one layer")
-        self.base, self.layers, self.lam = base, list(layers), float(lam)
+        self.base, self.layers, self.lam, self.random = base, list(layers), float(lam), bool(random)
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         with torch.no_grad(), FeatureTap(model, self.layers) as tap:
@@ -41,5 +44,5 @@ class FeatureShiftObjective(Objective):
         base_ctx, clean = ctx
         with FeatureTap(model, self.layers) as tap:
             value = self.base(model, x_adv, y, base_ctx)
-        lam = torch.rand((), device=x_adv.device) * self.lam
+        lam = torch.rand((), device=x_adv.device) * self.lam if self.random else self.lam
         return value - lam * feature_shift(tap.features, clean, self.layers)

@@ -1,19 +1,26 @@
-"""The one training loop shared by all eight methods (Chapters 1, 2 and 5).
+"""The one training loop shared by all eight methods (Chapters 1, 2 and 5), on one device or many.
 
 ``train(cfg)`` trains the run of ``cfg`` in the run store, resuming from its last checkpoint, and
 returns the finished ``Run``. Per epoch it records the loss terms, training accuracy on the inputs
 it trained on, and clean and PGD accuracy on the first ``monitor_size`` test samples; it writes a
-checkpoint (model, optimiser, schedule, RNG states, metrics) atomically, so a killed process resumes
-to the same weights as an uninterrupted run. A non-finite loss stops training with
-``TrainingDiverged`` and leaves the last good checkpoint in place.
+checkpoint (model, optimiser, schedule, metrics) atomically. Every random number of an epoch comes
+from generators seeded by (seed, epoch, rank), so a killed process resumes to exactly the weights of
+an uninterrupted run. A non-finite loss stops training with ``TrainingDiverged`` and leaves the last
+good checkpoint in place.
+
+Started by ``torchrun`` (``WORLD_SIZE`` > 1) the loop runs data-parallel: DistributedDataParallel
+(NCCL on GPUs with SyncBatchNorm, gloo on CPUs), each process trains on its shard of the same
+permutation with ``batch_size / world_size`` samples per step, and only rank 0 writes to the store.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -65,6 +72,28 @@ def accuracy(model: nn.Module, data: ArrayDataset, attack: PGD | None = None, am
     return correct_mask(model, data, attack, amp=amp).float().mean().item()
 
 
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
 def train(cfg: Config, *, store: RunStore | None = None, progress: bool = True,
           callbacks: Sequence[EpochCallback] = (), wait: bool = True) -> Run:
     """Train (or resume, or just return) the run of ``cfg``; see the module docstring.
@@ -73,11 +102,35 @@ def train(cfg: Config, *, store: RunStore | None = None, progress: bool = True,
     ``RunLocked``.
     """
     run = (store or RunStore()).run(cfg)
+    job = Distributed.from_env()
+    started_group = job.active and not dist.is_initialized()
+    if started_group:
+        cuda = resolve_device(cfg.device).type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        if job.rank == 0:
+            _claim(run, wait)
+        job.barrier()
+        if not run.finished:
+            try:
+                _train(cfg, run, job, progress and job.rank == 0, callbacks)
+            finally:
+                if job.rank == 0:
+                    run.unlock()
+        job.barrier()
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+    return run
+
+
+def _claim(run: Run, wait: bool) -> None:
+    """Take the run's lock unless it is finished; wait while another live process holds it."""
     told = False
     while not run.finished:
         try:
             run.lock()
-            break
+            return
         except RunLocked as err:
             if not wait:
                 raise
@@ -85,19 +138,20 @@ def train(cfg: Config, *, store: RunStore | None = None, progress: bool = True,
                 print(f"{err} Waiting for it.", flush=True)
                 told = True
             time.sleep(2)
-    if run.finished:
-        return run
-    try:
-        _train(cfg, run, progress, callbacks)
-    finally:
-        run.unlock()
-    return run
 
 
-def _train(cfg: Config, run: Run, progress: bool, callbacks: Sequence[EpochCallback]) -> None:
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
+def _train(cfg: Config, run: Run, job: Distributed, progress: bool, callbacks: Sequence[EpochCallback]) -> None:
     device = resolve_device(cfg.device)
-    amp = cfg.amp and device.type == "cuda"
-    torch.manual_seed(cfg.seed)
+    cuda = device.type == "cuda"
+    if cuda and job.active:
+        device = torch.device("cuda", job.local_rank)
+        torch.cuda.set_device(device)
+    amp = cfg.amp and cuda
+    torch.manual_seed(cfg.seed)                       # identical initial weights on every rank
     train_data = load(cfg.dataset, "train")
     if cfg.train_limit:
         train_data = train_data.subset(cfg.train_limit)
@@ -105,13 +159,13 @@ def _train(cfg: Config, run: Run, progress: bool, callbacks: Sequence[EpochCallb
     test = load(cfg.dataset, "test").subset(cfg.monitor_size).to(device)
 
     model = model_for(cfg, device)
-    if cfg.channels_last and device.type == "cuda":
+    if cfg.channels_last and cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cuda and job.active:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                fused=cuda or None)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones(), gamma=cfg.lr_decay)
-    forward = torch.compile(model) if cfg.compile else model
-    step = build_step(cfg, forward, train_data.num_classes, amp=amp)
-    monitor = PGD(cfg.eps, steps=cfg.monitor_steps, amp=amp) if cfg.monitor_steps else None
 
     metrics: list[dict[str, Any]] = []
     start = 1
@@ -120,52 +174,65 @@ def _train(cfg: Config, run: Run, progress: bool, callbacks: Sequence[EpochCallb
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and state.get("rng_cuda"):
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
         metrics, start = list(state["metrics"]), state["epoch"] + 1
+
+    wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if job.active else model
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
+    forward = torch.compile(wrapped) if compiled else wrapped
+    plain = torch.compile(model) if compiled else model
+    step = build_step(cfg, model, train_data.num_classes, amp=amp)
+    monitor = PGD(cfg.eps, steps=cfg.monitor_steps, amp=amp) if cfg.monitor_steps else None
+    per_rank_batch = max(1, cfg.batch_size // job.world_size)
 
     epochs = tqdm(range(start, cfg.epochs + 1), desc=run.id, disable=not progress, initial=start - 1,
                   total=cfg.epochs, unit="epoch")
     for epoch in epochs:
         began = time.perf_counter()
-        model.train()
+        torch.manual_seed(_epoch_seed(cfg.seed, epoch, job.rank))     # attack starts of this epoch
         shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        model.train()
         totals: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=device)
-        seen = 0
-        for x, y in batches(train_data, cfg.batch_size, shuffle=True, generator=shuffle,
-                            augment=None if cfg.augment == "none" else cfg.augment):
-            if cfg.channels_last and device.type == "cuda":
+        seen = torch.zeros((), device=device)
+        for x, y in batches(train_data, per_rank_batch, shuffle=True, generator=shuffle,
+                            augment=None if cfg.augment == "none" else cfg.augment,
+                            rank=job.rank, world_size=job.world_size):
+            if cfg.channels_last and cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                loss, terms, logits = step(forward, optimizer, x, y, epoch)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss, terms, logits = step(forward, optimizer, x, y, epoch, plain=plain)
             n = len(y)
             for k, v in {"loss": loss, **terms}.items():
                 totals[k] = totals.get(k, 0) + v.float() * n
             correct += (logits.argmax(1) == y).sum()
             seen += n
         schedule.step()
-        row: dict[str, Any] = {k: (v / seen).item() for k, v in totals.items()}
+        keys = sorted(totals)
+        summed = torch.stack([totals[k] for k in keys] + [correct.float(), seen.float()])
+        if job.active:
+            dist.all_reduce(summed)
+        summed = summed.tolist()
+        row: dict[str, Any] = {k: v / summed[-1] for k, v in zip(keys, summed)}
         if any(v != v or abs(v) == float("inf") for v in row.values()):
             raise TrainingDiverged(
                 f"training of run {run.id} diverged in epoch {epoch} (mean loss {row['loss']}); its last good "
                 f"checkpoint (epoch {epoch - 1}) is kept in {run.dir}; try a smaller lr than {cfg.lr}.")
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], **row,
-               "train_acc": (correct / seen).item(),
-               "test_clean_acc": accuracy(model, test, amp=amp),
-               "test_pgd_acc": accuracy(model, test, monitor, amp=amp) if monitor else float("nan")}
-        for callback in callbacks:
-            row.update(callback(EpochEnd(epoch, model, cfg, run, test)) or {})
-        row["seconds"] = time.perf_counter() - began
-        metrics.append(row)
-        epochs.set_postfix(loss=f"{row['loss']:.3f}", clean=f"{row['test_clean_acc']:.3f}",
-                           pgd=f"{row['test_pgd_acc']:.3f}")
-        if epoch in cfg.snapshot_epochs:
-            run.save_snapshot(epoch, model.state_dict())
-        run.save_checkpoint({
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [], "metrics": metrics})
-        run.write_metrics(metrics)
-    run.finish(model.state_dict(), metrics)
+        if job.rank == 0:
+            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": row.pop("loss"), **row,
+                   "train_acc": summed[-2] / summed[-1],
+                   "test_clean_acc": accuracy(model, test, amp=amp),
+                   "test_pgd_acc": accuracy(model, test, monitor, amp=amp) if monitor else float("nan")}
+            for callback in callbacks:
+                row.update(callback(EpochEnd(epoch, model, cfg, run, test)) or {})
+            row["seconds"] = time.perf_counter() - began
+            metrics.append(row)
+            epochs.set_postfix(loss=f"{row['loss']:.3f}", clean=f"{row['test_clean_acc']:.3f}",
+                               pgd=f"{row['test_pgd_acc']:.3f}")
+            if epoch in cfg.snapshot_epochs:
+                run.save_snapshot(epoch, model.state_dict())
+            run.save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "schedule": schedule.state_dict(), "metrics": metrics})
+            run.write_metrics(metrics)
+        job.barrier()
+    if job.rank == 0:
+        run.finish(model.state_dict(), metrics)
