@@ -26,6 +26,11 @@ Two computable radii bracket ``Delta(x) = min(eps, inf{||r||_inf : ||h(x+r) - h(
 ``flip_radius`` bisects the same way for the smallest eps at which a margin attack changes the label:
 an upper estimate of the distance to the decision boundary, which ``Delta(x)`` bounds from below.
 All attacks here take a per-sample radius (a tensor), so a whole batch is bisected at once.
+
+Chapter 6 uses three per-sample tables: ``certify`` (rho, the certified radius, and an attack inside
+it that must never change the label; float64), ``estimate_radii`` (the two bisected estimates) and
+``shift_and_spread`` (the feature shift under an attack and the distances to the class centroids
+``feature_centroids``, whose sum bounds it by the triangle inequality: the paper's link to L_Cluster).
 """
 from __future__ import annotations
 
@@ -242,13 +247,16 @@ class _Collector:
         in_dim = w.shape[1] * hw[0] * hw[1]
         out_hw = [(hw[i] + 2 * padding[i] - w.shape[2 + i]) // stride[i] + 1 for i in (0, 1)]
         small = in_dim * w.shape[0] * out_hw[0] * out_hw[1] <= DENSE_LIMIT
-        fft = conv_norm_fft(w, hw, padding=padding)
-        dense = conv_norm_dense(w, hw, stride=stride, padding=padding) if small else float("nan")
-        power = conv_norm_power(w, hw, stride=stride, padding=padding, iters=self.iters, generator=self.generator)
+        nan = float("nan")
+        power = nan if self.iters == 0 else conv_norm_power(w, hw, stride=stride, padding=padding, iters=self.iters,
+                                                            generator=self.generator)
         if self.method == "power":
+            fft = dense = nan
             used = power * self.safety
-        else:      # exact where the matrix fits in memory (plus a rounding margin), else the FFT bound
-            used = dense * (1 + 1e-9) if small else fft
+        else:      # the exact norm where the matrix fits in memory, else the FFT bound (+ a rounding margin)
+            fft = conv_norm_fft(w, hw, padding=padding)
+            dense = conv_norm_dense(w, hw, stride=stride, padding=padding) if small else nan
+            used = (min(dense, fft) if small else fft) * (1 + 1e-9)
         self.rows.append({"operator": name, "kind": "conv+bn" if bn is not None else "conv",
                           "input": f"{w.shape[1]}x{hw[0]}x{hw[1]}", "power": power, "exact": dense, "fft": fft,
                           "used": used})
@@ -290,11 +298,14 @@ def lipschitz_bound(model: nn.Module, input_shape: tuple[int, int, int], *, meth
     The first layer is measured from L-inf to L2 directly, as the smaller of sqrt(n) ||A||_2 and
     || |A| 1 ||_2 (``first_layer_inf_to_2``). ``method="sound"`` (default): exact norms from the
     conv's matrix where it has at most ``DENSE_LIMIT`` entries, else the FFT upper bound; the result is
-    certified. ``method="power"``: power-iteration estimates times ``safety``, not certified.
-    Supports the book's ``ResNet18`` and ``WideResNet``.
+    certified; ``power_iters`` > 0 adds power-iteration estimates to the table as a cross-check (they
+    approach each norm from below). ``method="power"``: power-iteration estimates times ``safety``
+    only, not certified. Supports the book's ``ResNet18`` and ``WideResNet``.
     """
     if method not in ("sound", "power"):
         raise ValueError(f"method must be 'sound' or 'power', got {method!r}")
+    if power_iters < (1 if method == "power" else 0):
+        raise ValueError(f"power_iters must be >= 1 with method='power' (>= 0 otherwise), got {power_iters}")
     if not isinstance(model, (ResNet18, WideResNet)):
         raise TypeError(f"lipschitz_bound knows ResNet18 and WideResNet, not {type(model).__name__}")
     c, hgt, wid = input_shape
@@ -400,7 +411,9 @@ def feature_shift_attack(model: nn.Module, x: torch.Tensor, eps: torch.Tensor, *
     with attack_mode(model):
         with torch.no_grad():
             h0, _ = features_and_logits(model, x)
-        objective = lambda xa: torch.linalg.vector_norm(features_and_logits(model, xa)[0] - h0, ord=v, dim=1)  # noqa: E731
+
+        def objective(xa: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.vector_norm(features_and_logits(model, xa)[0] - h0, ord=v, dim=1)
         x_adv, shift = pgd_per_sample(objective, x, eps, steps=steps, restarts=restarts, generator=generator)
     return x_adv.detach(), shift
 
@@ -419,23 +432,26 @@ def margin_attack(model: nn.Module, x: torch.Tensor, label: torch.Tensor, eps: t
     return x_adv.detach(), flipped
 
 
-def bisect_radius(reaches: Callable[[torch.Tensor], torch.Tensor], lo: torch.Tensor, hi: torch.Tensor, *,
-                  iters: int = 10, geometric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample bisection for the smallest radius at which ``reaches(eps) -> bool [B]`` holds.
+def bisect_radius(reaches: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], lo: torch.Tensor,
+                  hi: torch.Tensor, *, iters: int = 10, geometric: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample bisection for the smallest radius at which ``reaches`` holds.
 
-    First tests ``hi``; samples that do not reach there get radius ``hi`` and ``reached = False``.
-    For the others the bracket [lo, hi] shrinks ``iters`` times (at the geometric mean where
-    ``geometric`` and lo > 0, else the arithmetic mean), keeping the invariant that ``reaches`` held at
-    the upper end. Returns ``(radius, reached)``: ``radius`` is that upper end.
+    ``reaches(eps, idx) -> bool`` answers for the samples ``idx`` (a 1-D index tensor) at their radii
+    ``eps`` (same length). First tests ``hi``; samples that do not reach there get radius ``hi`` and
+    ``reached = False`` and are not tested again. For the others the bracket [lo, hi] shrinks
+    ``iters`` times (at the geometric mean where ``geometric`` and lo > 0, else the arithmetic mean),
+    keeping the invariant that ``reaches`` held at the upper end. Returns ``(radius, reached)``:
+    ``radius`` is that upper end.
     """
     lo, hi = lo.clone(), hi.clone()
-    reached = reaches(hi)
-    for _ in range(iters):
-        use_geo = (lo > 0) if geometric else torch.zeros_like(reached)
-        mid = torch.where(use_geo, torch.sqrt(lo * hi), (lo + hi) / 2)
-        ok = reaches(mid)
-        hi = torch.where(reached & ok, mid, hi)
-        lo = torch.where(reached & ~ok, mid, lo)
+    reached = reaches(hi, torch.arange(len(hi), device=hi.device))
+    idx = torch.nonzero(reached).flatten()
+    for _ in range(iters if len(idx) else 0):
+        a, b = lo[idx], hi[idx]
+        mid = torch.where((a > 0) & geometric, torch.sqrt(a * b), (a + b) / 2)
+        ok = reaches(mid, idx)
+        hi[idx] = torch.where(ok, mid, b)
+        lo[idx] = torch.where(ok, a, mid)
     return hi, reached
 
 
@@ -453,9 +469,9 @@ def empirical_radius(model: nn.Module, x: torch.Tensor, rho: torch.Tensor, *, ep
     lo = torch.full_like(rho, eps / 1000) if lo is None else lo.to(rho.dtype).clamp(max=eps)
     hi = torch.full_like(rho, eps)
 
-    def reaches(r: torch.Tensor) -> torch.Tensor:
-        _, shift = feature_shift_attack(model, x, r, v=v, steps=steps, restarts=restarts, generator=gen)
-        return shift >= rho
+    def reaches(r: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        _, shift = feature_shift_attack(model, x[idx], r, v=v, steps=steps, restarts=restarts, generator=gen)
+        return shift >= rho[idx]
     return bisect_radius(reaches, lo, hi, iters=iters)
 
 
@@ -467,8 +483,8 @@ def flip_radius(model: nn.Module, x: torch.Tensor, label: torch.Tensor, *, eps: 
     gen = torch.Generator(device=x.device).manual_seed(seed)
     lo = torch.full(label.shape, eps / 1000, dtype=x.dtype, device=x.device) if lo is None else lo.to(x.dtype)
     hi = torch.full(label.shape, eps, dtype=x.dtype, device=x.device)
-    return bisect_radius(lambda r: margin_attack(model, x, label, r, steps=steps, restarts=restarts,
-                                                 generator=gen)[1], lo.clamp(max=eps), hi, iters=iters)
+    return bisect_radius(lambda r, idx: margin_attack(model, x[idx], label[idx], r, steps=steps, restarts=restarts,
+                                                      generator=gen)[1], lo.clamp(max=eps), hi, iters=iters)
 
 
 # -- the per-sample tables of Chapter 6 ----------------------------------------------------------

@@ -216,6 +216,78 @@ def test_narrow_gaussian_has_self_overlap_above_one():
     assert vals.mean() > 1.0
 
 
+def test_mixture_entropy_mc_matches_closed_form_and_numerical_integration():
+    # a single Gaussian: the closed form
+    S = np.array([[0.6, 0.25], [0.25, 0.4]])
+    est = ib.gaussian_mixture_entropy_mc([1.0], [[1.0, -2.0]], [S], n=100_000, seed=1)
+    assert abs(est.value - ib.gaussian_entropy(S)) < 5 * est.stderr
+    # a 1-D mixture: quadrature of -p log p on a fine grid (independent of the sampler)
+    w, mu, var = np.array([0.2, 0.5, 0.3]), np.array([-2.0, 0.5, 3.0]), np.array([0.3, 1.0, 0.05])
+    g = np.linspace(-12, 12, 200_001)
+    p = sum(wk * scipy.stats.norm(m, math.sqrt(v)).pdf(g) for wk, m, v in zip(w, mu, var))
+    numeric = -np.sum(scipy.special.xlogy(p, p)) * (g[1] - g[0])
+    est = ib.gaussian_mixture_entropy_mc(w, mu[:, None], var[:, None, None], n=200_000, seed=2)
+    assert abs(est.value - numeric) < 5 * est.stderr
+    # seeded: the same seed gives the same number
+    again = ib.gaussian_mixture_entropy_mc(w, mu[:, None], var[:, None, None], n=200_000, seed=2)
+    assert again == est
+    with pytest.raises(ValueError):
+        ib.gaussian_mixture_entropy_mc([1.0], [[0.0]], [[[1.0]]], n=1)
+
+
+def test_mixture_entropy_between_renyi2_and_gaussian_max_entropy():
+    """Renyi-2 <= Shannon <= entropy of the Gaussian with the same covariance (Proposition 1)."""
+    rng = np.random.default_rng(21)
+    for _ in range(5):
+        M, K = rng.integers(2, 5), rng.integers(1, 4)
+        w = rng.dirichlet(np.ones(M))
+        mu = rng.normal(scale=2.0, size=(M, K))
+        covs = np.stack([random_spd(rng, K, (-1.0, 0.0)) for _ in range(M)])
+        mean = w @ mu
+        cov = np.einsum("m,mij->ij", w, covs) + np.einsum("m,mi,mj->ij", w, mu - mean, mu - mean)
+        est = ib.gaussian_mixture_entropy_mc(w, mu, covs, n=50_000, seed=int(rng.integers(1 << 30)))
+        assert ib.renyi2_entropy_mixture(w, mu, covs) < est.value + 5 * est.stderr
+        assert est.value - 5 * est.stderr < ib.gaussian_entropy(cov)
+
+
+def test_ib_loss_upper_bound_mixture_holds_against_monte_carlo():
+    rng = np.random.default_rng(22)
+    for case in range(8):
+        C, K = rng.integers(2, 5), rng.integers(1, 4)
+        w = rng.dirichlet(np.ones(C))
+        mu = rng.normal(scale=rng.uniform(0.1, 3.0), size=(C, K))
+        covs = np.stack([random_spd(rng, K, (-1.5, 0.5)) for _ in range(C)])
+        est = ib.gaussian_mixture_entropy_mc(w, mu, covs, n=40_000, seed=case)
+        h_t_given_y = float(np.sum(w * ib.gaussian_entropy(covs)))
+        for gamma in (1.0, 1.5, 4.0):
+            loss_hi = (1 - gamma) * (est.value - 5 * est.stderr) + gamma * h_t_given_y
+            b = ib.ib_loss_upper_bound_mixture(w, mu, covs, gamma)
+            assert loss_hi <= b.bound + 1e-9
+            assert b.bound <= b.linear_bound + 1e-12
+        assert b.collision == pytest.approx(math.exp(-ib.renyi2_entropy_mixture(w, mu, covs)), rel=1e-10)
+        assert b.self_term == pytest.approx(float(np.sum(w**2 * ib.gaussian_self_overlap(covs))), rel=1e-10)
+        cross = 2 * sum(w[i] * w[j] * ib.gaussian_overlap(mu[i], covs[i], mu[j], covs[j])
+                        for i in range(C) for j in range(i + 1, C))
+        assert b.cross_term == pytest.approx(cross, rel=1e-10, abs=1e-300)
+        assert b.conditional_entropy_bound == pytest.approx(
+            float(np.sum(w * ib.tight_entropy_bound(covs))), rel=1e-12)
+    with pytest.raises(ValueError, match="gamma"):
+        ib.ib_loss_upper_bound_mixture(w, mu, covs, 0.5)
+
+
+def test_appendix_lower_bound_on_H_T_fails_for_tight_clusters():
+    """The appendix claims H(T) >= 1 - |Y| - 2 sum_{i<j} int p_i p_j (from int p_i^2 <= 1; notes E7)."""
+    C, K, s = 2, 1, 0.01
+    mu = np.array([[-1.0], [1.0]])
+    covs = np.full((C, K, K), s**2)
+    claimed = 1 - C - 2 * ib.gaussian_overlap(mu[0], covs[0], mu[1], covs[1])
+    est = ib.gaussian_mixture_entropy_mc([0.5, 0.5], mu, covs, n=50_000)
+    assert est.value + 5 * est.stderr < claimed
+    # the sound chain H >= H_2 >= 1 - int p^2 holds
+    b = ib.ib_loss_upper_bound_mixture([0.5, 0.5], mu, covs, 2.0)
+    assert 1 - b.collision <= ib.renyi2_entropy_mixture([0.5, 0.5], mu, covs) <= est.value + 5 * est.stderr
+
+
 # ---------------------------------------------------------------------------
 # discrete IB loss (notes E2)
 # ---------------------------------------------------------------------------
@@ -407,6 +479,79 @@ def test_kde_conditional_entropy_and_information():
     assert ib.kde_mutual_information(feats, shuffled, 1e-4).I_T_Y > 0.95 * H_Y
 
 
+def test_kde_conditional_lower_bound_below_upper_and_gaussian_bound():
+    rng = np.random.default_rng(23)
+    N, K, s = 300, 3, 0.2
+    y = rng.integers(0, 4, size=N)
+    feats = rng.normal(size=(N, K)) * rng.uniform(0.3, 2.0, size=K) + 2.0 * y[:, None]
+    lo = ib.kde_conditional_entropy_lower(feats, y, s)
+    hi = ib.kde_conditional_entropy_upper(feats, y, s)
+    assert lo <= hi
+    # each class's empirical mixture has covariance (class covariance, denominator n_i) + s I,
+    # so Proposition 1 bounds its entropy, which the KDE lower bound does not exceed
+    gauss = 0.0
+    for c in range(4):
+        xc = feats[y == c]
+        cov = np.cov(xc, rowvar=False, bias=True) + s * np.eye(K)
+        gauss += len(xc) / N * ib.gaussian_entropy(cov)
+    assert lo <= gauss
+    # a single class: identical to the unconditional bound
+    assert ib.kde_conditional_entropy_lower(feats, np.zeros(N), s) == pytest.approx(ib.kde_entropy_lower(feats, s))
+
+
+def test_class_spread_matches_numpy_and_cluster_loss():
+    from satlib.training import cluster_loss
+
+    rng = np.random.default_rng(24)
+    N, K, C = 200, 6, 4
+    y = rng.integers(0, C, size=N)
+    feats = rng.normal(size=(N, K)) * rng.uniform(0.1, 3.0, size=(C, K))[y] + rng.normal(size=(C, K))[y]
+    sp = ib.class_spread(torch.from_numpy(feats), torch.from_numpy(y))
+    for c in range(C):
+        var = feats[y == c].var(axis=0)  # ddof 0, as the loss
+        assert sp.weights[c] == pytest.approx(np.mean(y == c))
+        assert sp.traces[c] == pytest.approx(var.sum(), rel=1e-12)
+        assert sp.std_sums[c] == pytest.approx(np.sqrt(var).sum(), rel=1e-12)
+        assert sp.log_var_sums[c] == pytest.approx(np.log(var).sum(), rel=1e-12)
+    assert sp.dim == K
+    assert sp.total_trace == pytest.approx(feats.var(axis=0).sum(), rel=1e-12)
+    assert 0 < sp.within_fraction < 1
+    # L_Cluster (Eq. 8) of the training code on the same batch, one layer, no epsilon
+    loss = cluster_loss([torch.from_numpy(feats).float()], torch.from_numpy(y), C, eps=0.0)
+    assert sp.l_cluster == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_class_spread_bound_chain():
+    """H(T|Y) of the Gaussian with the class covariances <= Hadamard <= std <= variance bound."""
+    rng = np.random.default_rng(25)
+    for _ in range(20):
+        N, K, C = 150, int(rng.integers(1, 8)), int(rng.integers(1, 5))
+        y = np.arange(N) % C
+        mix = rng.normal(size=(K, K)) * rng.uniform(0.05, 2.0)
+        feats = rng.normal(size=(N, K)) @ mix + 3.0 * rng.normal(size=(C, K))[y]
+        sp = ib.class_spread(feats, y)
+        exact = sum(np.mean(y == c) * ib.gaussian_entropy(np.cov(feats[y == c], rowvar=False, bias=True).reshape(K, K))
+                    for c in range(C))
+        assert exact <= sp.hadamard_bound + 1e-9
+        assert sp.hadamard_bound <= sp.std_bound + 1e-9
+        assert sp.std_bound <= sp.variance_bound + 1e-9
+        # Cauchy-Schwarz between the two forms of the spread
+        assert np.all(sp.std_sums**2 / K <= sp.traces * (1 + 1e-12))
+        assert np.all(sp.traces <= sp.std_sums**2 * (1 + 1e-12))
+
+
+def test_std_sum_can_fall_while_the_trace_rises():
+    """L_Cluster's standard-deviation form does not control Proposition 2's variance form."""
+    y = np.repeat([0, 1], 4)
+    spread_out = np.array([[1, 1, 1, 1], [-1, -1, -1, -1]] * 2, dtype=float)      # sigma_k = 1 in 4 dims
+    one_dim = np.array([[2.5, 0, 0, 0], [-2.5, 0, 0, 0]] * 2, dtype=float)          # sigma = 2.5 in 1 dim
+    a = ib.class_spread(np.concatenate([spread_out, spread_out + 10]), y)
+    b = ib.class_spread(np.concatenate([one_dim, one_dim + 10]), y)
+    assert b.l_cluster < a.l_cluster and b.std_bound < a.std_bound
+    assert b.variance_bound > a.variance_bound
+    assert b.hadamard_bound == -math.inf  # constant dimensions: a degenerate Gaussian
+
+
 # ---------------------------------------------------------------------------
 # constrained Theorem 1 experiment (notes E4)
 # ---------------------------------------------------------------------------
@@ -454,6 +599,10 @@ def test_theorem1_constrained_optimum(objective, seed):
     assert s["variance_error"] < 1e-4
     assert sol.objective_trace.shape == (1500,)
     assert sol.objective <= sol.objective_trace[0]
+    # the random start lies inside the feasible set and away from the optimum
+    assert np.all(np.linalg.norm(sol.initial_means, axis=1) <= R + 1e-12)
+    assert np.all(sol.initial_variances >= s_min**2)
+    assert not np.allclose(sol.initial_means, sol.means, atol=1e-2)
 
 
 def test_theorem1_solver_accepts_callables_and_diagonal_variances():
