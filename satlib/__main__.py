@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_options(p_eval)
     p_eval.add_argument("--attacks", default=",".join(ATTACKS),
                         help=f"comma-separated attacks among {', '.join(ATTACKS)}, lafeat (default: all but lafeat)")
-    p_eval.add_argument("--steps", type=int, help="iterations of BIM, PGD and CW (default: the preset's eval_steps)")
+    p_eval.add_argument("--steps", type=int,
+                        help="iterations of BIM, PGD, CW and each LAFEAT restart (default: the preset's eval_steps)")
     p_eval.add_argument("--restarts", type=int, default=1, help="random restarts of PGD and CW (default 1)")
     p_eval.add_argument("--n", type=int, help="evaluate on the first N test samples (default: all)")
     sub.add_parser("runs", help="list the runs in the store", description="List the runs in the run store.")

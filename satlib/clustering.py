@@ -151,7 +151,8 @@ def clustering_by_epoch(trained, epochs: Sequence[int] | None = None, *, layers:
             return class_centroids(model, train, layers, batch_size=batch_size)
 
         def compute(model=model, epoch=epoch):
-            mus = run.cached_tensors(f"centroids-epoch{epoch:03d}-{centroid_key}", centroids)
+            mus = run.cached_tensors(f"centroids-epoch{epoch:03d}-{len(layers)}layers-n{len(train)}-{centroid_key}",
+                                     centroids)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.seed)
                 frame = clustering_report(model, train, test, layers, attack=attack, norms=norms,
@@ -160,7 +161,8 @@ def clustering_by_epoch(trained, epochs: Sequence[int] | None = None, *, layers:
             frame["attack"] = name
             return frame
 
-        frames.append(run.cached_frame(f"clustering-epoch{epoch:03d}-{frame_key}", compute))
+        label = f"{name}-{'+'.join(norms)}-{len(layers)}layers-n{len(test)}"
+        frames.append(run.cached_frame(f"clustering-epoch{epoch:03d}-{label}-{frame_key}", compute))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -3,7 +3,7 @@
 An output-layer attack (OLA: FGSM, PGD, AutoAttack) follows the gradient of a loss on the logits only.
 LAFEAT, the intermediate-layer attack (ILA) of the paper's Section 4, first fits small *heads*
 ``g_l`` on the frozen model's intermediate features ``f^l(x)`` so that ``g_l(f^l(x))`` predicts the
-model's own label, then attacks the mixed, margin-normalised logits (Eq. (4.1) of Chapter 4)
+model's own label, then attacks the mixed, margin-normalised logits (Chapter 4, eq-ch4-mix)
 
     z_mix = beta * m * z_l / s_l + (1 - beta * m) * z / s
 
@@ -170,8 +170,10 @@ def train_heads(model: nn.Module, data, layers: Sequence[str] | None = None, *, 
             h.train()
         for _ in tqdm(range(epochs), desc="LAFEAT heads", disable=not progress):
             for idx in torch.randperm(len(x_all), generator=gen).to(device).split(batch_size):
-                feats = {l: cached[l][idx] for l in layers} if cached is not None else _features(model, x_all[idx],
-                                                                                                  layers)
+                if cached is not None:
+                    feats = {l: cached[l][idx] for l in layers}
+                else:
+                    feats = _features(model, x_all[idx], layers)
                 loss = sum(F.cross_entropy(heads[l](feats[l]), labels[idx]) for l in layers)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -220,7 +222,7 @@ def _gap(logits: torch.Tensor) -> torch.Tensor:
 
 def mixed_logits(logits: torch.Tensor, head_logits: Sequence[torch.Tensor], y: torch.Tensor,
                  beta: float) -> torch.Tensor:
-    """Eq. (4.1): ``beta m z_l / s_l + (1 - beta m) z / s``, the weight ``beta`` shared equally by the heads.
+    """Chapter 4's eq-ch4-mix: ``beta m z_l / s_l + (1 - beta m) z / s``, ``beta`` shared equally by the heads.
 
     ``m`` is 1 for a sample while its head's prediction (and the model's) is still ``y``. With one head
     this is the authors' loss input; with none, or ``beta = 0``, it is ``z / s``.
@@ -236,7 +238,7 @@ def mixed_logits(logits: torch.Tensor, head_logits: Sequence[torch.Tensor], y: t
 
 
 class LAFEAT(Attack):
-    """LAFEAT (Yu et al. 2021), L-inf: restarts over ``betas``, each an APGD-style ascent of CE(Eq. (4.1)).
+    """LAFEAT (Yu et al. 2021), L-inf: restarts over ``betas``, each an APGD-style ascent of CE(mixed logits).
 
     ``heads`` maps layer names of the model to head modules (``train_heads``; the chapter's
     ``lafeat_for`` caches them per run). ``steps`` iterations per restart; step size
