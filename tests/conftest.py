@@ -1,20 +1,12 @@
-"""Shared fixtures: a private run store per test session and a small trained model for attack tests."""
+"""Shared fixtures: the digits test split and a small trained model for attack tests (the private run
+store of each session is set up in the root conftest.py)."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
 from satlib.data import load
 from satlib.models import build_model
-
-
-@pytest.fixture(autouse=True)
-def _isolated_store(tmp_path_factory, monkeypatch):
-    """Tests never touch the repository's runs/: each session gets its own store."""
-    if "SATLIB_TEST_KEEP_STORE" not in os.environ:
-        monkeypatch.setenv("SATLIB_RUNS", str(tmp_path_factory.getbasetemp() / "runs"))
 
 
 @pytest.fixture(scope="session")

@@ -182,10 +182,6 @@ def _write_toc(path: Path, chapter_docnames: list[str]) -> Path:
     return path
 
 
-# The run store as the user configured it, read at import (before any fixture redirects it to a
-# private store): the chapter build reuses trained models exactly as nbval and the book do.
-SATLIB_RUNS_AS_CONFIGURED = os.environ.get("SATLIB_RUNS")
-
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Warnings about references into chapters left out of a small build. A chapter that links to
@@ -214,10 +210,6 @@ def build_book(source: Path, toc: Path, out: Path, timeout: float,
     env = os.environ.copy()
     # Notebooks must render figures inline: a non-interactive backend would swallow them.
     env.pop("MPLBACKEND", None)
-    if SATLIB_RUNS_AS_CONFIGURED is None:
-        env.pop("SATLIB_RUNS", None)
-    else:
-        env["SATLIB_RUNS"] = SATLIB_RUNS_AS_CONFIGURED
     cmd = [_jupyter_book(), "build", str(source), "--config", str(source / "book.yml"),
            "--toc", str(toc), "--path-output", str(out), "--keep-going"]
     if allowed_warnings is None:
@@ -419,7 +411,7 @@ if FIRST_CHAPTER is not None:
         """Intro + the first chapter, built from the repository root with a temporary toc.
 
         The chapter runs in its own folder, as in the full build; trained models come from the
-        run store ($SATLIB_RUNS or runs/), left as configured. Only the chapter is executed, so
+        test session's run store (conftest.py), shared with the nbval run of the same chapter. Only the chapter is executed, so
         its links into other chapters cannot resolve: those warnings (and only those) are allowed.
         """
         docname = FIRST_CHAPTER.relative_to(ROOT).with_suffix("").as_posix()
