@@ -6,6 +6,7 @@ accuracy under each one (the "worst case" column of the book's Table 1).
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Mapping, Sequence
 
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from .attacks import Attack
 from .attacks.base import autocast
 from .data import ArrayDataset
+from .runs import Run
 
 
 def correct_mask(model: nn.Module, data: ArrayDataset, attack: Attack | None = None, *, batch_size: int = 500,
@@ -60,18 +62,34 @@ def summarize(correct: pd.DataFrame) -> pd.DataFrame:
 
 
 def evaluate(model: nn.Module, data: ArrayDataset, attacks: Mapping[str, Attack] | Sequence[Attack], *,
-             batch_size: int = 500, amp: bool = False, progress: bool = False) -> pd.DataFrame:
+             batch_size: int = 500, amp: bool = False, progress: bool = False, seed: int | None = None,
+             cache: Run | None = None) -> pd.DataFrame:
     """Clean accuracy, accuracy under each attack and the worst case, as a tidy DataFrame.
 
     Columns: ``attack``, ``accuracy`` (fraction in [0, 1]), ``n`` (samples), ``seconds`` (per attack).
+    With ``seed``, the global random state is reset before each attack, so an attack's column does
+    not depend on which other attacks run or in what order. With ``cache`` (a run of the store), each
+    column is kept in the run's artifacts under the attack's full description and the data size, so
+    a chapter that asks again, alone or in another list, reads it instead of attacking again.
     """
     if not isinstance(attacks, Mapping):
         attacks = {a.name: a for a in attacks}
     columns, seconds = {}, {}
     for name, attack in [("clean", None), *attacks.items()]:
-        began = time.perf_counter()
-        columns[name] = correct_mask(model, data, attack, batch_size=batch_size, amp=amp).numpy()
-        seconds[name] = time.perf_counter() - began
+        def compute(attack=attack):
+            if seed is not None:
+                torch.manual_seed(seed)
+            began = time.perf_counter()
+            mask = correct_mask(model, data, attack, batch_size=batch_size, amp=amp).numpy()
+            return pd.DataFrame({"correct": mask, "seconds": time.perf_counter() - began})
+
+        if cache is None:
+            column = compute()
+        else:
+            key = hashlib.sha256(repr((repr(attack), data.name, len(data), seed, amp)).encode()).hexdigest()[:12]
+            column = cache.cached_frame(f"correct-{key}", compute)
+        columns[name] = column["correct"].to_numpy(dtype=bool)
+        seconds[name] = float(column["seconds"].iloc[0]) if len(column) else 0.0
         if progress:
             print(f"{name}: {columns[name].mean():.4f} ({seconds[name]:.1f} s)", flush=True)
     frame = summarize(pd.DataFrame(columns))

@@ -100,8 +100,8 @@ def evaluate_many(trained: Sequence[Trained], attacks: Sequence[str] | Sequence[
                   progress: bool = True) -> list[pd.DataFrame]:
     """``evaluate_run`` for several runs (Chapter 5's Table 1), computed in parallel processes on a CPU.
 
-    ``attacks`` is one list of attack names for every run, or one list per run. Each evaluation is
-    seeded with its run's seed, so a cached table does not depend on which process computed it or
+    ``attacks`` is one list of attack names for every run, or one list per run. Each attack is
+    seeded with its run's seed, so a cached column does not depend on which process computed it or
     in which order. Workers find finished evaluations in the runs' caches and skip them; on a GPU
     (or with ``workers`` = 1) the runs are evaluated one after the other in this process.
     """
@@ -121,32 +121,26 @@ def evaluate_many(trained: Sequence[Trained], attacks: Sequence[str] | Sequence[
                                 steps, restarts) for i in order]
             for job in tqdm(jobs, desc="evaluating runs", disable=not progress):
                 job.result()
-    frames = []
-    for t, names in zip(trained, per_run):
-        torch.manual_seed(t.cfg.seed)
-        frames.append(evaluate_run(t, names, n=n, steps=steps, restarts=restarts))
-    return frames
+    return [evaluate_run(t, names, n=n, steps=steps, restarts=restarts) for t, names in zip(trained, per_run)]
 
 
 def _evaluate_quietly(cfg: Config, root: str, attacks: list[str], n: int | None, steps: int | None,
                       restarts: int) -> None:
-    trained = load_or_train(cfg, store=RunStore(root), progress=False)
-    torch.manual_seed(cfg.seed)
-    evaluate_run(trained, attacks, n=n, steps=steps, restarts=restarts)
+    evaluate_run(load_or_train(cfg, store=RunStore(root), progress=False), attacks, n=n, steps=steps,
+                 restarts=restarts)
 
 
 def evaluate_run(trained: Trained, attacks: Sequence[str] = ATTACKS, *, n: int | None = None, steps: int | None = None,
                  restarts: int = 1, progress: bool = False) -> pd.DataFrame:
-    """Table-1 row of a run: clean, each attack and the worst case, cached in the run's artifacts."""
+    """Table-1 row of a run: clean, each attack and the worst case; each attack seeded with the run's
+    seed and its per-sample results cached in the run's artifacts (``satlib.evaluation.evaluate``)."""
     cfg = trained.cfg
     steps = cfg.eval_steps if steps is None else steps
     built = {a.name: a for a in (lafeat_for(trained, steps=steps) if name.lower() == "lafeat" else
                                  make_attack(name, eps=cfg.eps, steps=steps, restarts=restarts, amp=trained.amp,
                                              seed=cfg.seed) for name in attacks)}
-    data = trained.test_set(n)
-    key = hashlib.sha256(repr((sorted(map(repr, built.values())), len(data))).encode()).hexdigest()[:10]
-    return trained.run.cached_frame(f"evaluation-{key}", lambda: evaluate(
-        trained.model, data, built, amp=trained.amp, progress=progress))
+    return evaluate(trained.model, trained.test_set(n), built, amp=trained.amp, progress=progress, seed=cfg.seed,
+                    cache=trained.run)
 
 
 _LAFEAT_ATTACKS: dict[str, LAFEAT] = {}

@@ -124,3 +124,20 @@ def test_make_attack_names():
         make_attack("deepfool", eps=0.1)
     with pytest.raises(ValueError, match="eps"):
         PGD(-0.1)
+
+
+def test_seeded_columns_do_not_depend_on_the_other_attacks_and_are_cached(trained_digits_model, digits_test, tmp_path):
+    from satlib.config import resolve
+    from satlib.runs import Run
+
+    data = digits_test.subset(64)
+    pgd = PGD(EPS, steps=3)
+    alone = evaluate(trained_digits_model, data, [pgd], seed=5).set_index("attack")
+    after_fgsm = evaluate(trained_digits_model, data, [FGSM(EPS), pgd], seed=5).set_index("attack")
+    assert alone.loc["PGD", "accuracy"] == after_fgsm.loc["PGD", "accuracy"]
+
+    run = Run(resolve("quick"), tmp_path)
+    first = evaluate(trained_digits_model, data, [FGSM(EPS), pgd], seed=5, cache=run).set_index("attack")
+    assert len(list((run.dir / "artifacts").glob("correct-*.csv"))) == 3          # clean, FGSM, PGD
+    again = evaluate(torch.nn.Sequential(), data, [pgd], seed=5, cache=run).set_index("attack")   # no model needed
+    assert again.loc["PGD", "accuracy"] == first.loc["PGD", "accuracy"] == alone.loc["PGD", "accuracy"]

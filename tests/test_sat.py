@@ -357,3 +357,25 @@ def test_eq7_attack_with_large_lambda_moves_the_features_less(trained_digits_mod
         h.remove()
         shifts[lam] = (store["f"].flatten(1) - clean).norm(dim=1).mean().item()
     assert shifts[10.0] < 0.5 * shifts[0.0]
+
+
+# -- Table 1 machinery ---------------------------------------------------------------------------------
+
+def test_evaluate_many_in_two_processes_equals_seeded_evaluation_in_this_one(tmp_path):
+    from satlib.attacks import make_attack
+    from satlib.evaluation import evaluate
+    from satlib.experiments import evaluate_many, load_or_train_many
+    from satlib.runs import RunStore
+
+    store = RunStore(tmp_path)
+    small = dict(width=4, epochs=1, train_limit=128, monitor_size=32, monitor_steps=1, eval_size=32, attack_steps=1)
+    cfgs = [resolve("quick", method="pgd-at", seed=s, **small) for s in (0, 1)]
+    runs = load_or_train_many(cfgs, store=store, progress=False)
+    frames = evaluate_many(runs, [["fgsm", "pgd"], ["pgd"]], steps=3, workers=2, progress=False)
+    assert [list(f.attack) for f in frames] == [["clean", "FGSM", "PGD", "worst case"], ["clean", "PGD", "worst case"]]
+    for t, names, frame in zip(runs, [["fgsm", "pgd"], ["pgd"]], frames):
+        attacks = {a.name: a for a in (make_attack(n, eps=t.cfg.eps, steps=3, seed=t.cfg.seed) for n in names)}
+        expected = evaluate(t.model, t.test_set(), attacks, seed=t.cfg.seed)
+        assert np.allclose(frame.accuracy, expected.accuracy), (frame, expected)
+    with pytest.raises(ValueError, match="attack lists"):
+        evaluate_many(runs, [["pgd"]], progress=False)
