@@ -214,8 +214,10 @@ def _load_torchvision(name: str, split: str, root, download: bool | None):
         try:
             ds = cls(str(folder), download=True, **kwargs)
         except Exception as e:
+            # the message names the download's error; chaining it would print that traceback first
+            # (offline, a long trail of socket errors) above the one message that says what to do
             raise _unavailable(name, folder, f"files are missing ({missing}) and the download "
-                                             f"failed ({type(e).__name__}: {e})") from e
+                                             f"failed ({type(e).__name__}: {e})") from None
 
     data = torch.from_numpy(np.ascontiguousarray(ds.data))
     if name != "svhn":  # CIFAR is stored [N, H, W, C]; torchvision's SVHN is [N, C, H, W]

@@ -242,6 +242,9 @@ def test_failed_download_becomes_dataset_unavailable(tmp_path, monkeypatch):
     with pytest.raises(DatasetUnavailable, match="download failed") as info:
         load("svhn", "train", root=tmp_path, download=True)
     assert "train_32x32.mat" in str(info.value)
+    assert "URLError" in str(info.value) and "Name or service not known" in str(info.value)
+    # one error, not a chain: the failed download's traceback is not printed above the clear message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 def test_corrupted_file_fails_integrity_check(tmp_path, monkeypatch):
