@@ -60,23 +60,19 @@ def close(a, b):
     return torch.allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("beta", [1.0, 6.0])
-def test_trades_loss_equals_reference(logits, beta):
+@pytest.mark.parametrize("loss, reference, keys, beta", [
+    (lambda a, c, y, b: trades_loss(a, c, y, trades_beta=b), reference_trades, ("ce", "kl"), 1.0),
+    (lambda a, c, y, b: trades_loss(a, c, y, trades_beta=b), reference_trades, ("ce", "kl"), 6.0),
+    (lambda a, c, y, b: mart_loss(a, c, y, mart_beta=b), reference_mart, ("bce", "kl"), 5.0),
+    (lambda a, c, y, b: mart_loss(a, c, y, mart_beta=b), reference_mart, ("bce", "kl"), 6.0),
+], ids=["trades-1", "trades-6", "mart-5", "mart-6"])
+def test_outer_loss_equals_reference(logits, loss, reference, keys, beta):
     clean, adv, y = logits
-    terms = trades_loss(adv, clean, y, trades_beta=beta)
-    ce, kl = reference_trades(clean, adv, y, beta)
-    assert set(terms) == {"ce", "kl"}
-    assert close(terms["ce"], ce) and close(terms["kl"], kl), (terms, ce, kl)
-    assert kl > 0
-
-
-@pytest.mark.parametrize("beta", [5.0, 6.0])
-def test_mart_loss_equals_reference(logits, beta):
-    clean, adv, y = logits
-    terms = mart_loss(adv, clean, y, mart_beta=beta)
-    bce, kl = reference_mart(clean, adv, y, beta)
-    assert set(terms) == {"bce", "kl"}
-    assert close(terms["bce"], bce) and close(terms["kl"], kl), (terms, bce, kl)
+    terms = loss(adv, clean, y, beta)
+    expected = dict(zip(keys, reference(clean, adv, y, beta)))
+    assert set(terms) == set(keys)
+    assert all(close(terms[k], expected[k]) for k in keys), (terms, expected)
+    assert expected["kl"] > 0
 
 
 def test_mart_bce_is_ce_plus_strongest_wrong_class_term(logits):

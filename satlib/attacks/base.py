@@ -6,6 +6,7 @@ require gradients (no weight-gradient work, no memory for it); both are restored
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 
 import torch
@@ -39,7 +40,7 @@ def autocast(x: torch.Tensor, enabled: bool):
     return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-class Attack:
+class Attack(ABC):
     """Base class: subclasses implement ``perturb(model, x, y)``; ``__call__`` wraps it in ``attack_mode``."""
 
     name = "attack"
@@ -49,8 +50,9 @@ class Attack:
             raise ValueError(f"eps is in pixel units of [0, 1] and must lie in [0, 1], got {eps!r}")
         self.eps = float(eps)
 
+    @abstractmethod
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # abstract: every attack defines its own search
+        """The adversarial examples for ``x``: every attack defines its own search."""
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with attack_mode(model):

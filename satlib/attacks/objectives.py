@@ -6,19 +6,22 @@ An objective is called as ``objective(model, x_adv, y, ctx)`` and returns one va
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class Objective:
+class Objective(ABC):
     """Base: no clean-input context; subclasses define ``__call__``."""
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         return None
 
+    @abstractmethod
     def __call__(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, ctx) -> torch.Tensor:
-        raise NotImplementedError  # abstract
+        """One value per sample, to be maximised."""
 
 
 class CrossEntropy(Objective):
