@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from satlib.attacks import PGD, AutoAttack, project
+from satlib.attacks import LAFEAT, PGD, AutoAttack, project, train_heads
 from satlib.clustering import class_centroids, clustering_accuracy
 from satlib.config import resolve
 from satlib.data import ArrayDataset, load
@@ -183,13 +183,8 @@ def bench_evaluation(args, device, peak) -> list[dict]:
     if args.autoattack:
         record("AutoAttack (standard)", lambda: AutoAttack(cfg.eps, batch_size=len(test))(model, test.x, test.y),
                len(test))
-    try:
-        from satlib.attacks import LAFEAT
-        from satlib.attacks.lafeat import train_heads
-        heads = train_heads(model, train, layers[-4:])
-        record("LAFEAT-100", lambda: LAFEAT(cfg.eps, heads, steps=100)(model, test.x, test.y), len(test))
-    except ImportError:
-        pass
+    heads = train_heads(model, train, layers[-4:])
+    record("LAFEAT-100", lambda: LAFEAT(cfg.eps, heads, steps=100)(model, test.x, test.y), len(test))
     return rows
 
 
