@@ -24,7 +24,7 @@ METHODS = ("standard", "pgd-at", "trades", "mart", "awp-at", "sat", "sat-trades"
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 DEVICES = ("auto", "cpu", "cuda")
 CLUSTER_FORMS = ("paper", "code")   # L_Cluster: Eq. 10 as printed, or the released code's variant (Chapter 5)
-COMPILE = ("auto", "on", "off")
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,18 @@ class Config:
     eval_size: int = 0                   # evaluate on the first n test samples (0 = all)
     # hardware
     device: str = "auto"
-    amp: bool = True                     # bf16 autocast where the device supports it (CUDA)
-    compile: str = "auto"                # torch.compile: "auto" (on CUDA only), "on" or "off"
+    # Speed only: these change the trained weights by rounding at most, so the run store ignores them.
+    # Reported numbers (evaluations, the per-epoch monitor) are always computed in fp32.
+    amp: bool = True                     # bf16 autocast of the training step where the device supports it (CUDA)
+    cuda_graphs: str = "auto"            # whole training step as one CUDA graph: "auto" (single-GPU runs), "on", "off"
+    fold_bn: bool = True                 # training attack through BatchNorm folded into the convolutions
     channels_last: bool = True
 
     # -- identity ---------------------------------------------------------------------------------
     def training_key(self) -> dict[str, Any]:
         """The knobs that change the trained weights: what the run store hashes (Chapter 1, run store)."""
         skip = {"preset", "monitor_size", "monitor_steps", "snapshot_epochs", "eval_steps", "eval_size",
-                "device", "amp", "compile", "channels_last"}
+                "device", "amp", "cuda_graphs", "fold_bn", "channels_last"}
         key = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         # method weights that a method does not use must not split the store
         uses = {"trades_beta": ("trades", "sat-trades"), "mart_beta": ("mart",),
@@ -133,7 +136,7 @@ PRESETS["paper-svhn"] = {**PRESETS["paper"], "dataset": "svhn"}
 
 
 _CHOICES = {"dataset": DATASETS, "model": MODELS, "method": METHODS, "augment": AUGMENTATIONS, "device": DEVICES,
-            "compile": COMPILE, "sat_cluster_form": CLUSTER_FORMS}
+            "cuda_graphs": CUDA_GRAPHS, "sat_cluster_form": CLUSTER_FORMS}
 _POSITIVE = {"width", "epochs", "batch_size", "lr", "monitor_size", "eval_steps"}
 _NON_NEGATIVE = {"seed", "momentum", "weight_decay", "train_limit", "eps", "step_size", "attack_steps",
                  "trades_beta", "mart_beta", "awp_gamma", "awp_warmup", "sat_lambda", "sat_beta",

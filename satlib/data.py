@@ -265,8 +265,9 @@ def _random_crop(x: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     if ph == 0 and pw == 0:
         return x
     padded = F.pad(x, (pw, pw, ph, ph))
-    oy = torch.randint(0, 2 * ph + 1, (b,), generator=generator).to(x.device)
-    ox = torch.randint(0, 2 * pw + 1, (b,), generator=generator).to(x.device)
+    where = _random_device(generator)
+    oy = torch.randint(0, 2 * ph + 1, (b,), generator=generator, device=where).to(x.device)
+    ox = torch.randint(0, 2 * pw + 1, (b,), generator=generator, device=where).to(x.device)
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     bi = torch.arange(b, device=x.device)[:, None, None, None]
@@ -274,10 +275,15 @@ def _random_crop(x: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     return padded[bi, ci, rows, cols]
 
 
+def _random_device(generator: torch.Generator | None) -> torch.device:
+    """Where random draws happen: on the generator's device (a CUDA generator keeps them on the GPU)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 def _augment(x: torch.Tensor, augment: str, generator: torch.Generator | None) -> torch.Tensor:
     x = _random_crop(x, generator)
     if augment == "crop-flip":
-        flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
+        flip = (torch.rand(len(x), generator=generator, device=_random_device(generator)) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
 
@@ -287,7 +293,8 @@ def batches(ds: ArrayDataset, batch_size: int, *, shuffle: bool,
             drop_last: bool = False, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches sliced from ``ds`` on its own device (no DataLoader).
 
-    ``shuffle`` draws one ``torch.randperm`` per call from ``generator`` (on CPU);
+    ``shuffle`` draws one ``torch.randperm`` per call from ``generator`` (on the generator's device:
+    a CUDA generator shuffles and augments on the GPU, with no host transfer per batch);
     ``augment`` is None, ``"crop"`` (zero-pad ``size // 8`` pixels, random crop) or
     ``"crop-flip"`` (crop, then random horizontal flip), drawn from ``generator`` too,
     so a seeded generator gives reproducible epochs. With ``world_size`` > 1 (data-parallel
@@ -301,9 +308,10 @@ def batches(ds: ArrayDataset, batch_size: int, *, shuffle: bool,
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
     n = len(ds)
-    perm = torch.randperm(n, generator=generator, device="cpu") if shuffle else None
+    where = _random_device(generator)
+    perm = torch.randperm(n, generator=generator, device=where) if shuffle else None
     if world_size > 1:
-        perm = (torch.arange(n) if perm is None else perm)[rank::world_size]
+        perm = (torch.arange(n, device=where) if perm is None else perm)[rank::world_size]
         n = len(perm)
     perm = perm.to(ds.x.device) if perm is not None else None
     stop = n - n % batch_size if drop_last else n

@@ -3,6 +3,9 @@
 A sample counts as robust in the worst case only if it is classified correctly clean *and* under
 every attack: the accuracy of the strongest adaptive combination of the attacks, always at most the
 accuracy under each one (the "worst case" column of the book's Table 1).
+
+Every number here is decided in fp32, whatever the device (``exact_fp32``); bf16 is for training
+speed only. On a GPU the attacks run in batches that fill a quarter of the free memory.
 """
 from __future__ import annotations
 
@@ -15,40 +18,66 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .attacks import Attack
-from .attacks.base import autocast
-from .data import ArrayDataset
+from .attacks import Attack, attack_mode
+from .data import ArrayDataset, batches
+from .precision import exact_fp32
 from .runs import Run
 
 
-def correct_mask(model: nn.Module, data: ArrayDataset, attack: Attack | None = None, *, batch_size: int = 500,
-                 amp: bool = False) -> torch.Tensor:
-    """Boolean [N] tensor on the CPU: is each sample classified correctly (under ``attack``, if given)?"""
+def evaluation_batch_size(model: nn.Module, sample: torch.Tensor, *, share: float = 0.25, largest: int = 8192) -> int:
+    """Images per attack batch: 500 on a CPU; on a GPU, as many as fill ``share`` of the free memory.
+
+    On a GPU one fp32 forward and input-gradient pass of a probe batch of 32 measures the memory an
+    image needs; the result is the largest power of two (at most ``largest``) that fits.
+    """
     device = next(model.parameters()).device
+    if device.type != "cuda":
+        return 500
+    probe = sample[:1].to(device).expand(32, *sample.shape[1:]).clone().requires_grad_(True)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with attack_mode(model), exact_fp32(device):
+        model(probe).float().logsumexp(1).sum().backward()
+    per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) // 32)
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = int(share * free // per_image)
+    return max(32, min(largest, 1 << max(0, fits.bit_length() - 1)))
+
+
+def correct_mask(model: nn.Module, data: ArrayDataset, attack: Attack | None = None, *,
+                 batch_size: int | None = None) -> torch.Tensor:
+    """Boolean [N] tensor on the CPU: is each sample classified correctly (under ``attack``, if given)?
+
+    Attacks and the final check run in fp32 (``exact_fp32``) in batches of ``batch_size`` (default
+    ``evaluation_batch_size``).
+    """
+    device = next(model.parameters()).device
+    if batch_size is None:
+        batch_size = evaluation_batch_size(model, data.x)
     was_training = model.training
     model.eval()
     masks = []
     try:
-        for start in range(0, len(data), batch_size):
-            x = data.x[start:start + batch_size].to(device)
-            y = data.y[start:start + batch_size].to(device)
-            if attack is not None:
-                x = attack(model, x, y)
-            with torch.no_grad(), autocast(x, amp):
-                masks.append((model(x).argmax(1) == y).cpu())
+        with exact_fp32(device):
+            for x, y in batches(data.to(device), batch_size, shuffle=False):
+                if attack is not None:
+                    x = attack(model, x, y)
+                with torch.no_grad():
+                    masks.append((model(x).argmax(1) == y).cpu())
     finally:
         model.train(was_training)
     return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
 
 
 def correctness(model: nn.Module, data: ArrayDataset, attacks: Mapping[str, Attack] | Sequence[Attack], *,
-                batch_size: int = 500, amp: bool = False, progress: bool = False) -> pd.DataFrame:
+                batch_size: int | None = None, progress: bool = False) -> pd.DataFrame:
     """Per-sample correctness: one boolean column for ``clean`` and for each attack, one row per sample."""
     if not isinstance(attacks, Mapping):
         attacks = {a.name: a for a in attacks}
-    columns = {"clean": correct_mask(model, data, batch_size=batch_size, amp=amp).numpy()}
+    columns = {"clean": correct_mask(model, data, batch_size=batch_size).numpy()}
     for name, attack in tqdm(attacks.items(), desc="attacks", disable=not progress):
-        columns[name] = correct_mask(model, data, attack, batch_size=batch_size, amp=amp).numpy()
+        columns[name] = correct_mask(model, data, attack, batch_size=batch_size).numpy()
     return pd.DataFrame(columns)
 
 
@@ -62,7 +91,7 @@ def summarize(correct: pd.DataFrame) -> pd.DataFrame:
 
 
 def evaluate(model: nn.Module, data: ArrayDataset, attacks: Mapping[str, Attack] | Sequence[Attack], *,
-             batch_size: int = 500, amp: bool = False, progress: bool = False, seed: int | None = None,
+             batch_size: int | None = None, progress: bool = False, seed: int | None = None,
              cache: Run | None = None) -> pd.DataFrame:
     """Clean accuracy, accuracy under each attack and the worst case, as a tidy DataFrame.
 
@@ -80,13 +109,13 @@ def evaluate(model: nn.Module, data: ArrayDataset, attacks: Mapping[str, Attack]
             if seed is not None:
                 torch.manual_seed(seed)
             began = time.perf_counter()
-            mask = correct_mask(model, data, attack, batch_size=batch_size, amp=amp).numpy()
+            mask = correct_mask(model, data, attack, batch_size=batch_size).numpy()
             return pd.DataFrame({"correct": mask, "seconds": time.perf_counter() - began})
 
         if cache is None:
             column = compute()
         else:
-            key = hashlib.sha256(repr((repr(attack), data.name, len(data), seed, amp)).encode()).hexdigest()[:12]
+            key = hashlib.sha256(repr((repr(attack), data.name, len(data), seed)).encode()).hexdigest()[:12]
             column = cache.cached_frame(f"correct-{key}", compute)
         columns[name] = column["correct"].to_numpy(dtype=bool)
         seconds[name] = float(column["seconds"].iloc[0]) if len(column) else 0.0

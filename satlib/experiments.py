@@ -38,10 +38,6 @@ class Trained:
     model: nn.Module
     device: torch.device
 
-    @property
-    def amp(self) -> bool:
-        return self.cfg.amp and self.device.type == "cuda"
-
     def test_set(self, n: int | None = None) -> ArrayDataset:
         """The test split (its first ``n`` samples; default ``cfg.eval_size``, 0 meaning all) on the device."""
         n = self.cfg.eval_size if n is None else n
@@ -137,9 +133,8 @@ def evaluate_run(trained: Trained, attacks: Sequence[str] = ATTACKS, *, n: int |
     cfg = trained.cfg
     steps = cfg.eval_steps if steps is None else steps
     built = {a.name: a for a in (lafeat_for(trained, steps=steps) if name.lower() == "lafeat" else
-                                 make_attack(name, eps=cfg.eps, steps=steps, restarts=restarts, amp=trained.amp,
-                                             seed=cfg.seed) for name in attacks)}
-    return evaluate(trained.model, trained.test_set(n), built, amp=trained.amp, progress=progress, seed=cfg.seed,
+                                 make_attack(name, eps=cfg.eps, steps=steps, restarts=restarts, seed=cfg.seed) for name in attacks)}
+    return evaluate(trained.model, trained.test_set(n), built, progress=progress, seed=cfg.seed,
                     cache=trained.run)
 
 
@@ -171,7 +166,7 @@ def lafeat_for(trained: Trained, *, steps: int | None = None, layers: Sequence[s
     num_classes = DATASETS[cfg.dataset].num_classes
     heads = load_heads_state(make_heads(trained.model, sample, layers, num_classes, hidden=head_options["hidden"],
                                         pool=head_options["pool"], activation=head_options["activation"]), state)
-    options = {"seed": cfg.seed, "amp": trained.amp, "memo": 8, **options}
+    options = {"seed": cfg.seed, "memo": 8, **options}
     attack = LAFEAT(cfg.eps, heads, steps=steps, **options)
-    key = f"{trained.run.dir}|{attack!r}|{options.get('amp')}"
+    key = f"{trained.run.dir}|{attack!r}"
     return _LAFEAT_ATTACKS.setdefault(key, attack)

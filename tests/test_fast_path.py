@@ -1,4 +1,5 @@
-"""The fast path (bf16 autocast, channels-last) keeps the numbers honest: same robust accuracy within noise."""
+"""The fast path keeps the numbers honest: a bf16 channels-last attack (as in training on a GPU) is as strong
+as an fp32 one within noise, and reported accuracies are decided in fp32 whatever the model's layout."""
 import copy
 
 import torch
@@ -21,12 +22,11 @@ def test_robust_accuracy_agrees_between_fp32_and_bf16_channels_last(trained_digi
         torch.manual_seed(0)
         acc_plain = correct_mask(plain, digits_test, attack_fp32).float().mean().item()
         torch.manual_seed(0)
-        acc_fast = correct_mask(fast, digits_test, attack_bf16, amp=True).float().mean().item()
+        acc_fast = correct_mask(fast, digits_test, attack_bf16).float().mean().item()
         # 450 samples: one standard error of an accuracy near 0.5 is 0.024
         assert abs(acc_plain - acc_fast) <= 0.03, (type(attack_fp32).__name__, acc_plain, acc_fast)
-    clean_plain = correct_mask(plain, digits_test).float().mean().item()
-    clean_fast = correct_mask(fast, digits_test, amp=True).float().mean().item()
-    assert abs(clean_plain - clean_fast) <= 0.01
+    assert torch.equal(correct_mask(plain, digits_test), correct_mask(fast, digits_test)), \
+        "the fp32 clean check depends on the memory layout"
 
 
 def test_training_losses_agree_between_fp32_and_bf16(trained_digits_model, digits_test):

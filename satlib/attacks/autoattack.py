@@ -19,7 +19,7 @@ class AutoAttack(Attack):
 
     name = "AutoAttack"
 
-    def __init__(self, eps: float, *, version: str = "standard", seed: int = 0, batch_size: int = 500,
+    def __init__(self, eps: float, *, version: str = "standard", seed: int = 0, batch_size: int | None = None,
                  verbose: bool = False):
         super().__init__(eps)
         self.version, self.seed, self.batch_size, self.verbose = version, seed, batch_size, verbose
@@ -29,7 +29,8 @@ class AutoAttack(Attack):
         attack = OfficialAutoAttack(model, norm="Linf", eps=self.eps, version=self.version, seed=self.seed,
                                     device=x.device)
         attack.logger.setLevel(logging.INFO if self.verbose else logging.WARNING)
-        x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        # ``batch_size`` None: the whole batch at once (the evaluation already sized it to the device)
+        x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=self.batch_size or len(x))
         return x_adv.to(x.device)
 
     def __repr__(self) -> str:

@@ -106,8 +106,12 @@ class FeatureTap:
         self._handles.clear()
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.features:
+            raise KeyError(f"layer {name!r} recorded nothing: no forward pass of the model ran inside this tap "
+                           "(a torch.compile'd model can skip hooks added after its first call; tap and call "
+                           "the uncompiled model)")
         return self.features[name]
 
     def flat(self, name: str) -> torch.Tensor:
         """Features of one layer flattened to [B, d_l]."""
-        return self.features[name].flatten(1)
+        return self[name].flatten(1)

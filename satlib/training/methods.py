@@ -25,6 +25,7 @@ from torch import nn
 from ..attacks import PGD, CrossEntropy, KLDivergence
 from ..config import Config
 from ..models import FeatureTap, last_stage_blocks
+from ..models.folding import FoldedView
 from .awp import AWP
 from .losses import OUTER_LOSSES, cluster_loss
 from .objectives import FeatureShiftObjective
@@ -81,27 +82,42 @@ class TrainingObjective:
 
 @dataclass
 class TrainingStep:
-    """Everything the trainer needs for one method: the training attack, the loss, optional AWP."""
+    """Everything the trainer needs for one method: the training attack, the loss, optional AWP.
+
+    The attack runs on ``folded`` (the model with its BatchNorms folded into the convolutions, an
+    eval-mode twin sharing its weights; ``satlib.models.folding``) when the model allows it, and the
+    outer loss under bf16 autocast when ``amp`` (CUDA only; the autocast cache stays off so that the
+    step can be recorded as a CUDA graph).
+    """
 
     attack: PGD | None
     objective: TrainingObjective
     awp: AWP | None
     awp_warmup: int
+    amp: bool = False
+    folded: FoldedView | None = None
+
+    def variant(self, epoch: int) -> bool:
+        """The step's only data-independent branch: is AWP active in ``epoch``?"""
+        return self.awp is not None and epoch > self.awp_warmup
 
     def __call__(self, model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                  epoch: int, plain: nn.Module | None = None):
         """One optimisation step; returns (loss, terms, logits on the training inputs), all detached.
 
         ``model`` computes the training loss (it may be a DistributedDataParallel wrapper); ``plain``
-        (default ``model``) is the unwrapped model the attack and AWP's direction use, so their extra
-        backward passes never reach the data-parallel gradient reducer.
+        (default ``model``) is the unwrapped model AWP's direction uses, so its extra backward pass
+        never reaches the data-parallel gradient reducer.
         """
         plain = model if plain is None else plain
-        x_adv = self.attack(plain, x, y) if self.attack is not None else x
-        applied = []
-        if self.awp is not None and epoch > self.awp_warmup:
-            applied = self.awp.perturb(plain, lambda: self.objective(plain, x, x_adv, y)[0])
-        loss, terms, logits = self.objective(model, x, x_adv, y)
+        x_adv = x
+        if self.attack is not None:
+            x_adv = self.attack(self.folded.refresh() if self.folded is not None else plain, x, y)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
+            applied = []
+            if self.variant(epoch):
+                applied = self.awp.perturb(plain, lambda: self.objective(plain, x, x_adv, y)[0])
+            loss, terms, logits = self.objective(model, x, x_adv, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,4 +142,6 @@ def build_step(cfg: Config, model: nn.Module, num_classes: int, *, amp: bool = F
         attack = PGD(cfg.eps, steps=cfg.attack_steps, step_size=cfg.step_size, start=method.start,
                      objective=inner, amp=amp)
     awp = AWP(cfg.awp_gamma) if method.awp else None
-    return TrainingStep(attack, TrainingObjective(method, cfg, layers, num_classes), awp, cfg.awp_warmup)
+    folded = FoldedView.of(model) if attack is not None and cfg.fold_bn else None
+    return TrainingStep(attack, TrainingObjective(method, cfg, layers, num_classes), awp, cfg.awp_warmup, amp=amp,
+                        folded=folded)

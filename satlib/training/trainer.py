@@ -8,6 +8,12 @@ from generators seeded by (seed, epoch, rank), so a killed process resumes to ex
 an uninterrupted run. A non-finite loss stops training with ``TrainingDiverged`` and leaves the last
 good checkpoint in place.
 
+On one GPU the data stay on the device, shuffled and augmented there, the training step runs in bf16
+with channels-last convolutions and a fused optimiser, and every full batch replays one CUDA graph
+of the whole step (``GraphedStep``: the last, partial batch of an epoch runs eagerly). The only host
+synchronisation of an epoch is at its end. The per-epoch monitor, like every reported number, is
+computed in fp32.
+
 Started by ``torchrun`` (``WORLD_SIZE`` > 1) the loop runs data-parallel: DistributedDataParallel
 (NCCL on GPUs with SyncBatchNorm, gloo on CPUs), each process trains on its shard of the same
 permutation with ``batch_size / world_size`` samples per step, and only rank 0 writes to the store.
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -30,6 +37,7 @@ from ..data import DATASETS, ArrayDataset, batches, load
 from ..evaluation import correct_mask
 from ..models import build_model
 from ..runs import Run, RunLocked, RunStore
+from .graphs import GraphedStep, device_learning_rate
 from .methods import build_step
 
 
@@ -67,9 +75,9 @@ def model_for(cfg: Config, device: torch.device | str = "cpu") -> nn.Module:
                        width=cfg.width).to(device)
 
 
-def accuracy(model: nn.Module, data: ArrayDataset, attack: PGD | None = None, amp: bool = False) -> float:
-    """Fraction of ``data`` classified correctly, on clean inputs or under ``attack``."""
-    return correct_mask(model, data, attack, amp=amp).float().mean().item()
+def accuracy(model: nn.Module, data: ArrayDataset, attack: PGD | None = None) -> float:
+    """Fraction of ``data`` classified correctly (in fp32), on clean inputs or under ``attack``."""
+    return correct_mask(model, data, attack).float().mean().item()
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,6 @@ def _train(cfg: Config, run: Run, job: Distributed, progress: bool, callbacks: S
     if cuda and job.active:
         device = torch.device("cuda", job.local_rank)
         torch.cuda.set_device(device)
-    amp = cfg.amp and cuda
     torch.manual_seed(cfg.seed)                       # identical initial weights on every rank
     train_data = load(cfg.dataset, "train")
     if cfg.train_limit:
@@ -159,12 +166,14 @@ def _train(cfg: Config, run: Run, job: Distributed, progress: bool, callbacks: S
     test = load(cfg.dataset, "test").subset(cfg.monitor_size).to(device)
 
     model = model_for(cfg, device)
-    if cfg.channels_last and cuda:
+    channels_last = cfg.channels_last and cuda
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cuda and job.active:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 fused=cuda or None)
+    device_learning_rate(optimizer, device)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones(), gamma=cfg.lr_decay)
 
     metrics: list[dict[str, Any]] = []
@@ -173,66 +182,82 @@ def _train(cfg: Config, run: Run, job: Distributed, progress: bool, callbacks: S
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        device_learning_rate(optimizer, device)       # a loaded learning rate arrives on the CPU
         schedule.load_state_dict(state["schedule"])
         metrics, start = list(state["metrics"]), state["epoch"] + 1
 
-    wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if job.active else model
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
-    forward = torch.compile(wrapped) if compiled else wrapped
-    plain = torch.compile(model) if compiled else model
-    step = build_step(cfg, model, train_data.num_classes, amp=amp)
-    monitor = PGD(cfg.eps, steps=cfg.monitor_steps, amp=amp) if cfg.monitor_steps else None
+    forward = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if job.active else model
+    step = build_step(cfg, model, train_data.num_classes, amp=cfg.amp and cuda)
+    graphs = not job.active and (cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and cuda))
+    graphed = GraphedStep(step, model, optimizer, capture=cuda) if graphs else None
+    monitor = PGD(cfg.eps, steps=cfg.monitor_steps) if cfg.monitor_steps else None
     per_rank_batch = max(1, cfg.batch_size // job.world_size)
 
     epochs = tqdm(range(start, cfg.epochs + 1), desc=run.id, disable=not progress, initial=start - 1,
                   total=cfg.epochs, unit="epoch")
-    for epoch in epochs:
-        began = time.perf_counter()
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, job.rank))     # attack starts of this epoch
-        shuffle = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        model.train()
-        totals: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), device=device)
-        seen = torch.zeros((), device=device)
-        for x, y in batches(train_data, per_rank_batch, shuffle=True, generator=shuffle,
-                            augment=None if cfg.augment == "none" else cfg.augment,
-                            rank=job.rank, world_size=job.world_size):
-            if cfg.channels_last and cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, terms, logits = step(forward, optimizer, x, y, epoch, plain=plain)
-            n = len(y)
-            for k, v in {"loss": loss, **terms}.items():
-                totals[k] = totals.get(k, 0) + v.float() * n
-            correct += (logits.argmax(1) == y).sum()
-            seen += n
-        schedule.step()
-        keys = sorted(totals)
-        summed = torch.stack([totals[k] for k in keys] + [correct.float(), seen.float()])
-        if job.active:
-            dist.all_reduce(summed)
-        summed = summed.tolist()
-        row: dict[str, Any] = {k: v / summed[-1] for k, v in zip(keys, summed)}
-        if any(v != v or abs(v) == float("inf") for v in row.values()):
-            raise TrainingDiverged(
-                f"training of run {run.id} diverged in epoch {epoch} (mean loss {row['loss']}); its last good "
-                f"checkpoint (epoch {epoch - 1}) is kept in {run.dir}; try a smaller lr than {cfg.lr}.")
-        if job.rank == 0:
-            row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "loss": row.pop("loss"), **row,
-                   "train_acc": summed[-2] / summed[-1],
-                   "test_clean_acc": accuracy(model, test, amp=amp),
-                   "test_pgd_acc": accuracy(model, test, monitor, amp=amp) if monitor else float("nan")}
-            for callback in callbacks:
-                row.update(callback(EpochEnd(epoch, model, cfg, run, test)) or {})
-            row["seconds"] = time.perf_counter() - began
-            metrics.append(row)
-            epochs.set_postfix(loss=f"{row['loss']:.3f}", clean=f"{row['test_clean_acc']:.3f}",
-                               pgd=f"{row['test_pgd_acc']:.3f}")
-            if epoch in cfg.snapshot_epochs:
-                run.save_snapshot(epoch, model.state_dict())
-            run.save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                 "schedule": schedule.state_dict(), "metrics": metrics})
-            run.write_metrics(metrics)
-        job.barrier()
+    with _cudnn_benchmark(cuda):
+        for epoch in epochs:
+            began = time.perf_counter()
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch, job.rank))     # attack starts of this epoch
+            shuffle = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + epoch)
+            model.train()
+            totals: dict[str, torch.Tensor] = {}
+            correct = torch.zeros((), device=device)
+            seen = torch.zeros((), device=device)
+            for x, y in batches(train_data, per_rank_batch, shuffle=True, generator=shuffle,
+                                augment=None if cfg.augment == "none" else cfg.augment,
+                                rank=job.rank, world_size=job.world_size):
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if graphed is not None:
+                    loss, terms, logits = graphed(x, y, epoch)
+                else:
+                    loss, terms, logits = step(forward, optimizer, x, y, epoch, plain=model)
+                n = len(y)
+                for k, v in {"loss": loss, **terms}.items():
+                    totals[k] = totals.get(k, 0) + v.float() * n
+                correct += (logits.argmax(1) == y).sum()
+                seen += n
+            lr = float(optimizer.param_groups[0]["lr"])   # the rate this epoch trained with
+            schedule.step()
+            keys = sorted(totals)
+            summed = torch.stack([totals[k] for k in keys] + [correct.float(), seen.float()])
+            if job.active:
+                dist.all_reduce(summed)
+            summed = summed.tolist()                   # the epoch's one host synchronisation
+            row: dict[str, Any] = {k: v / summed[-1] for k, v in zip(keys, summed)}
+            if any(v != v or abs(v) == float("inf") for v in row.values()):
+                kept = (f"its last good checkpoint (epoch {epoch - 1}) is kept in {run.dir}" if epoch > 1
+                        else f"no checkpoint of it was written (folder {run.dir})")
+                raise TrainingDiverged(f"training of run {run.id} diverged in epoch {epoch} (mean loss {row['loss']}); "
+                                       f"{kept}; try a smaller lr than {cfg.lr}.")
+            if job.rank == 0:
+                row = {"epoch": epoch, "lr": lr, "loss": row.pop("loss"), **row,
+                       "train_acc": summed[-2] / summed[-1],
+                       "test_clean_acc": accuracy(model, test),
+                       "test_pgd_acc": accuracy(model, test, monitor) if monitor else float("nan")}
+                for callback in callbacks:
+                    row.update(callback(EpochEnd(epoch, model, cfg, run, test)) or {})
+                row["seconds"] = time.perf_counter() - began
+                metrics.append(row)
+                epochs.set_postfix(loss=f"{row['loss']:.3f}", clean=f"{row['test_clean_acc']:.3f}",
+                                   pgd=f"{row['test_pgd_acc']:.3f}")
+                if epoch in cfg.snapshot_epochs:
+                    run.save_snapshot(epoch, model.state_dict())
+                run.save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "schedule": schedule.state_dict(), "metrics": metrics})
+                run.write_metrics(metrics)
+            job.barrier()
     if job.rank == 0:
         run.finish(model.state_dict(), metrics)
+
+
+@contextmanager
+def _cudnn_benchmark(enabled: bool):
+    """Let cuDNN time its algorithms for the fixed training shapes (restored afterwards)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
