@@ -1,15 +1,16 @@
 """Throughput of training epochs and evaluations, as ratios measured in one run (not a test).
 
-For each method the script times our training step (satlib's fast path for the device) and a plain
-reference of the same method (a textbook PGD loop: parameters keep requiring gradients during the
-attack, no autocast, no channels-last, no compile; same outer loss), on synthetic data of the
-``quick`` or ``paper`` shape. It reports images per second, the FLOPs one step performs (counted with
-``torch.utils.flop_counter``), and the achieved FLOP rate as a fraction of the device's dense matmul
-rate, measured by the same script in the same run (the practical ceiling).
+For each method the script times our training step as the trainer runs it on the device (on a GPU:
+one CUDA graph of the whole step, bf16, channels-last, the attack through folded BatchNorms; on a
+CPU: the eager step with the folded attack) and a plain reference of the same method (a textbook
+PGD loop: parameters keep requiring gradients during the attack, fp32, no graph; same outer loss),
+on synthetic data of the ``quick`` or ``paper`` shape. It reports images per second, the FLOPs one
+step performs (counted with ``torch.utils.flop_counter``), and the achieved FLOP rate as a fraction
+of the device's dense matmul rate, measured by the same script in the same run.
 
     python bench/throughput.py --shape paper --batches 3            # CPU, ResNet-18 at 32x32
     python bench/throughput.py --shape quick --batches 20
-    python bench/throughput.py --shape paper --device cuda --batch-size 512 --batches 50
+    python bench/throughput.py --shape paper --device cuda --batches 50 --autoattack
 """
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from satlib.attacks import LAFEAT, PGD, AutoAttack, project, train_heads
 from satlib.clustering import class_centroids, clustering_accuracy
 from satlib.config import resolve
 from satlib.data import ArrayDataset, load
+from satlib.evaluation import correct_mask
 from satlib.models import conv_layers
 from satlib.training import AWP, build_step, model_for, resolve_device
+from satlib.training.graphs import GraphedStep, device_learning_rate
 
 SHAPES = {"quick": dict(preset="quick", shape=(1, 8, 8)), "paper": dict(preset="paper", shape=(3, 32, 32))}
 METHODS = ("standard", "pgd-at", "trades", "mart", "awp-at", "sat")
@@ -82,16 +85,14 @@ class PlainStep:
         return loss.detach(), terms, logits.detach()
 
 
-def time_steps(step, model, optimizer, x, y, batches: int, device, amp: bool) -> float:
-    """Seconds per step, after one warm-up step."""
-    def once():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            step(model, optimizer, x, y, 1, plain=model)
-    once()
+def time_steps(run_step, batches: int, device, warmup: int) -> float:
+    """Seconds per step, after ``warmup`` untimed steps (a graphed step records its graph during them)."""
+    for _ in range(warmup):
+        run_step()
     sync(device)
     began = time.perf_counter()
     for _ in range(batches):
-        once()
+        run_step()
     sync(device)
     return (time.perf_counter() - began) / batches
 
@@ -121,37 +122,52 @@ def step_flops(step, model, optimizer, x, y) -> float:
     return float(counter.get_total_flops())
 
 
+# Implementations timed per method: (name, fast path, CUDA graph, folded attack). The two ablations show
+# what the graph and the folding each buy (``--ablate``; on a GPU).
+IMPLEMENTATIONS = [("satlib", True, True, True), ("satlib, no graph", True, False, True),
+                   ("satlib, graph, unfolded", True, True, False), ("plain", False, False, False)]
+
+
+def make_runner(impl, cfg, device, x, y):
+    """(run one step, the step, model, optimizer) for one implementation of ``cfg.method``."""
+    _, fast, graph, fold = impl
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = model_for(cfg, device).train()
+    if fast and cuda:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=(fast and cuda) or None)
+    step = build_step(cfg.replace(fold_bn=fold), model, 10, amp=fast and cuda)
+    if not fast:
+        plain = PlainStep(step)
+        return (lambda: plain(model, optimizer, x, y, 1)), step, model, optimizer
+    device_learning_rate(optimizer, device)
+    if graph and cuda:
+        graphed = GraphedStep(step, model, optimizer, capture=True)
+        return (lambda: graphed(x, y, 1)), step, model, optimizer
+    return (lambda: step(model, optimizer, x, y, 1)), step, model, optimizer
+
+
 def bench_training(args, device, peak) -> list[dict]:
     rows = []
-    fast = device.type == "cuda"
+    cuda = device.type == "cuda"
+    chosen = [i for i in IMPLEMENTATIONS if args.ablate and cuda or i[0] in ("satlib", "plain")]
     for method in args.methods:
         cfg = resolve(SHAPES[args.shape]["preset"], method=method, device=device.type, batch_size=args.batch_size,
                       dataset="digits" if args.shape == "quick" else "cifar10")
         data = load("synthetic", "train", shape=SHAPES[args.shape]["shape"], n=cfg.batch_size).to(device)
-        x, y = data.x, data.y
-        results = {}
-        for name in ("satlib", "plain"):
-            torch.manual_seed(0)
-            model = model_for(cfg, device).train()
-            if name == "satlib" and fast:
-                model = model.to(memory_format=torch.channels_last)
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=(name == "satlib" and fast) or None)
-            step = build_step(cfg, model, 10, amp=fast and name == "satlib")
-            if name == "plain":
-                step = PlainStep(step)
-            xin = x.contiguous(memory_format=torch.channels_last) if name == "satlib" and fast else x
-            if name == "satlib" and args.compile:
-                model_c = torch.compile(model)
-                run_step = lambda m, o, a, b, e, plain=None, s=step: s(model_c, o, a, b, e, plain=model_c)
-            else:
-                run_step = step
-            seconds = time_steps(run_step, model, optimizer, xin, y, args.batches, device, amp=fast and name == "satlib")
-            flops = step_flops(step, model, optimizer, x, y)
-            results[name] = seconds
-            rows.append({"what": f"train {method}", "impl": name, "img/s": cfg.batch_size / seconds,
-                         "GFLOP/step": flops / 1e9, "GFLOP/s": flops / seconds / 1e9,
-                         "of matmul": flops / seconds / peak})
-        rows[-2]["speedup vs plain"] = results["plain"] / results["satlib"]
+        seconds = {}
+        for impl in chosen:
+            run_step, step, model, optimizer = make_runner(impl, cfg, device, data.x, data.y)
+            seconds[impl[0]] = time_steps(run_step, args.batches, device, warmup=4 if impl[2] and cuda else 1)
+            flops = step_flops(step, model, optimizer, data.x, data.y)
+            rows.append({"what": f"train {method}", "impl": impl[0], "img/s": cfg.batch_size / seconds[impl[0]],
+                         "s/epoch (50k)": 50_000 * seconds[impl[0]] / cfg.batch_size, "GFLOP/step": flops / 1e9,
+                         "GFLOP/s": flops / seconds[impl[0]] / 1e9, "of matmul": flops / seconds[impl[0]] / peak,
+                         "speedup vs plain": float("nan")})
+        for row in rows[-len(chosen):]:
+            row["speedup vs plain"] = seconds["plain"] / seconds[row["impl"]]
     return rows
 
 
@@ -174,17 +190,15 @@ def bench_evaluation(args, device, peak) -> list[dict]:
         rows.append({"what": what, "impl": "satlib", "img/s": n / seconds, "GFLOP/step": flops / 1e9,
                      "GFLOP/s": flops / seconds / 1e9, "of matmul": flops / seconds / peak})
 
-    amp = device.type == "cuda"
-    record("PGD-100", lambda: PGD(cfg.eps, steps=100, amp=amp)(model, test.x, test.y), len(test))
+    record("PGD-100 (fp32)", lambda: correct_mask(model, test, PGD(cfg.eps, steps=100)), len(test))
     layers = conv_layers(model)
     train = load("synthetic", "train", shape=SHAPES[args.shape]["shape"], n=args.eval_size * 4).to(device)
     record("centroids + clu. acc. (17 layers)", lambda: clustering_accuracy(
         model, test, class_centroids(model, train, layers)), len(train) + len(test))
     if args.autoattack:
-        record("AutoAttack (standard)", lambda: AutoAttack(cfg.eps, batch_size=len(test))(model, test.x, test.y),
-               len(test))
+        record("AutoAttack (standard, fp32)", lambda: correct_mask(model, test, AutoAttack(cfg.eps)), len(test))
     heads = train_heads(model, train, layers[-4:])
-    record("LAFEAT-100", lambda: LAFEAT(cfg.eps, heads, steps=100)(model, test.x, test.y), len(test))
+    record("LAFEAT-100 (fp32)", lambda: correct_mask(model, test, LAFEAT(cfg.eps, heads, steps=100)), len(test))
     return rows
 
 
@@ -197,8 +211,9 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--eval-size", type=int, default=64)
     p.add_argument("--autoattack", action="store_true", help="also time standard AutoAttack (slow on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model in the satlib path")
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--ablate", action="store_true", help="on a GPU, also time the step without its graph and "
+                   "without the folded attack")
     args = p.parse_args()
     device = resolve_device(args.device)
     peak = matmul_rate(device)
@@ -210,6 +225,9 @@ def main() -> None:
         rows += bench_evaluation(args, device, peak)
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    speed = table[table.impl == "satlib"].set_index("what")["img/s"]
+    if {"train pgd-at", "train sat"} <= set(speed.index):
+        print(f"SAT step / PGD-AT step (time): {speed['train pgd-at'] / speed['train sat']:.2f}")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,11 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def autocast(x: torch.Tensor, enabled: bool):
-    """bf16 autocast on the device of ``x`` when ``enabled`` (the trainer enables it on CUDA only)."""
-    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=enabled)
+    """bf16 autocast on the device of ``x`` when ``enabled`` (the trainer's attack, on CUDA only).
+
+    Its cast cache stays off, so that the attack can be recorded inside a CUDA graph of the training step.
+    """
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
 class Attack(ABC):

@@ -75,19 +75,24 @@ class FoldedView:
 
     @torch.no_grad()
     def refresh(self) -> nn.Module:
-        """Recompute the fused weights from the model's current weights and statistics; return the view."""
-        for conv, bn, fused in self._fused:
-            scale = torch.rsqrt(bn.running_var + bn.eps)
-            if bn.affine:
-                scale = scale * bn.weight
-            shift = -bn.running_mean * scale
-            if bn.affine:
-                shift = shift + bn.bias
-            if conv.bias is not None:
-                shift = shift + conv.bias * scale
-            view = (-1,) + (1,) * (conv.weight.dim() - 1)
-            fused.weight.copy_(conv.weight * scale.view(view))
-            fused.bias.copy_(shift)
+        """Recompute the fused weights from the model's current weights and statistics; return the view.
+
+        ``W' = W s`` and ``b' = beta + (b - mean) s`` with ``s = gamma / sqrt(var + eps)``, for all pairs
+        at once with PyTorch's multi-tensor (``_foreach``) kernels, as its optimisers use them: a handful
+        of launches instead of several per layer.
+        """
+        convs, bns, fused = zip(*self._fused)
+        scale = torch._foreach_add([bn.running_var for bn in bns], [bn.eps for bn in bns])
+        torch._foreach_rsqrt_(scale)
+        torch._foreach_mul_(scale, [bn.weight if bn.affine else torch.ones_like(bn.running_var) for bn in bns])
+        shift = torch._foreach_sub([c.bias if c.bias is not None else torch.zeros_like(bn.running_mean)
+                                    for c, bn in zip(convs, bns)], [bn.running_mean for bn in bns])
+        torch._foreach_mul_(shift, scale)
+        torch._foreach_add_(shift, [bn.bias if bn.affine else torch.zeros_like(bn.running_mean) for bn in bns])
+        torch._foreach_copy_([f.bias for f in fused], shift)
+        torch._foreach_copy_([f.weight for f in fused], [c.weight for c in convs])
+        torch._foreach_mul_([f.weight for f in fused],
+                            [s.view((-1,) + (1,) * (c.weight.dim() - 1)) for s, c in zip(scale, convs)])
         return self.module
 
 
