@@ -1,30 +1,35 @@
-"""Presets and validated configuration for every experiment of the book.
+"""Presets and validated configuration for every experiment of the book (Chapter 1, "Running the book").
 
 A ``Config`` holds every knob of a run. ``resolve(preset, **overrides)`` starts from a preset, applies
-the overrides that are not ``None`` (papermill passes ``None`` for "keep the preset's value"), checks
-each knob's name, type and range, and raises ``ConfigError`` with one sentence naming the knob and
-what is allowed, before any work starts.
+the preset's tuned values for the chosen method (``TUNED``), then the overrides that are not ``None``
+(papermill passes ``None`` for "keep the preset's value"); it checks each knob's name, type and
+range against the tables of ``satlib.catalog`` and raises ``ConfigError`` with one sentence naming
+the knob and what is allowed, before any work starts.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, fields
 from typing import Any
 
+from . import catalog
+from .errors import SatlibError
+from .models import MODELS
 
-class ConfigError(ValueError):
+
+class ConfigError(SatlibError, ValueError):
     """A knob has a wrong name, type or value; the message is one sentence that says which and why."""
 
 
-DATASETS = ("digits", "cifar10", "cifar100", "svhn", "synthetic")
-MODELS = ("resnet18", "wrn-28-10")
-METHODS = ("standard", "pgd-at", "trades", "mart", "awp-at", "sat", "sat-trades", "sat-awp-at")
-AUGMENTATIONS = ("none", "crop", "crop-flip")
-DEVICES = ("auto", "cpu", "cuda")
-CLUSTER_FORMS = ("paper", "code")   # L_Cluster: Eq. 10 as printed, or the released code's variant (Chapter 5)
-CUDA_GRAPHS = ("auto", "on", "off")
+# The per-sample weight of Eq. 7's shift term that matches the released code's lambda = 0.087 at batch
+# 128. The code subtracts 0.087 times ONE Frobenius norm over the batch from the batch-MEAN CE; per
+# sample that is 0.087 * sqrt(B) times the sample's own shift norm when the shifts are alike
+# (``satlib.training.objectives.per_sample_lambda``, which config cannot import: it sits above it;
+# Chapter 5, "Lambda in per-sample units").
+RELEASED_LAMBDA = 0.087 * math.sqrt(128)
 
 
 @dataclass(frozen=True)
@@ -43,24 +48,25 @@ class Config:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    schedule: str = "step"               # "step": times lr_decay at lr_decay_at; "cosine": cosine decay to 0
     lr_decay_at: tuple[float, ...] = (0.5, 0.75)   # fractions of `epochs` (100 and 150 of 200)
     lr_decay: float = 0.1
     augment: str = "none"
-    train_limit: int = 0                 # use only the first n training samples (0 = all); for smoke tests
+    val_size: int = 1000                 # training images held out (stratified) for the monitor and the best epoch
+    train_limit: int = 0                 # train on the first n remaining images only (0 = all); for smoke tests
     # threat model and training attack (Eq. 1)
     eps: float = 0.2
     step_size: float = 0.05
     attack_steps: int = 10
-    # method weights (NOTES E8, E9)
+    # method weights (Chapter 5; each method declares which it uses in satlib.catalog.METHODS)
     trades_beta: float = 6.0
     mart_beta: float = 5.0
     awp_gamma: float = 0.01
     awp_warmup: int = 0
-    sat_lambda: float = 0.087
+    sat_lambda: float = RELEASED_LAMBDA   # per-sample weight of Eq. 7's shift term (see RELEASED_LAMBDA)
     sat_beta: float = 0.1
-    sat_cluster_form: str = "paper"      # "paper": Eq. 10; "code": the released code's L_Cluster (NOTES E8)
-    # per-epoch monitoring: clean and PGD accuracy on the first `monitor_size` test samples
-    monitor_size: int = 512
+    sat_cluster_form: str = "paper"      # "paper": Eq. 10; "code": the released code's L_Cluster (Chapter 5)
+    # per-epoch monitoring: clean and PGD accuracy on the held-out validation images
     monitor_steps: int = 10
     snapshot_epochs: tuple[int, ...] = ()   # also keep the weights after these epochs (for per-epoch analyses)
     # evaluation defaults (Table 1: 100-step BIM/PGD/CW)
@@ -77,22 +83,20 @@ class Config:
 
     # -- identity ---------------------------------------------------------------------------------
     def training_key(self) -> dict[str, Any]:
-        """The knobs that change the trained weights: what the run store hashes (Chapter 1, run store)."""
-        skip = {"preset", "monitor_size", "monitor_steps", "snapshot_epochs", "eval_steps", "eval_size",
-                "device", "amp", "cuda_graphs", "fold_bn", "channels_last"}
-        key = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
-        # method weights that a method does not use must not split the store
-        uses = {"trades_beta": ("trades", "sat-trades"), "mart_beta": ("mart",),
-                "awp_gamma": ("awp-at", "sat-awp-at"), "awp_warmup": ("awp-at", "sat-awp-at"),
-                "sat_lambda": ("sat", "sat-trades", "sat-awp-at"), "sat_beta": ("sat", "sat-trades", "sat-awp-at"),
-                "sat_cluster_form": ("sat", "sat-trades", "sat-awp-at")}
-        for knob, methods in uses.items():
-            if self.method not in methods:
-                key.pop(knob)
-        if self.method == "standard":
-            for knob in ("eps", "step_size", "attack_steps"):
-                key.pop(knob)
-        return key
+        """The knobs that change the trained weights: what the run store hashes (Chapter 1, run store).
+
+        A method's weights that it does not declare (``catalog.METHODS``) are left out, and so are the
+        attack's knobs for a method without a training attack.
+        """
+        skip = {"preset", "monitor_steps", "snapshot_epochs", "eval_steps", "eval_size", "device", "amp",
+                "cuda_graphs", "fold_bn", "channels_last"}
+        method = catalog.METHODS[self.method]
+        skip |= {k for m in catalog.METHODS.values() for k in m.knobs} - set(method.knobs)
+        if method.inner is None:
+            skip |= {"eps", "step_size", "attack_steps"}
+        if self.schedule != "step":
+            skip |= {"lr_decay_at", "lr_decay"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
     def run_id(self) -> str:
         """Short stable name of the trained model: method, dataset, model and a hash of the training key."""
@@ -100,30 +104,39 @@ class Config:
         return f"{self.method}-{self.dataset}-{self.model}-{hashlib.sha256(blob).hexdigest()[:10]}"
 
     def milestones(self) -> list[int]:
-        """Epochs after which the learning rate is multiplied by ``lr_decay``."""
+        """Epochs after which the step schedule multiplies the learning rate by ``lr_decay``."""
         return sorted({max(1, round(f * self.epochs)) for f in self.lr_decay_at})
 
+    def explicit(self) -> dict[str, Any]:
+        """The knobs whose values differ from the preset's (tuned) values for this method."""
+        defaults = resolve(self.preset, method=self.method).as_dict()
+        return {k: v for k, v in self.as_dict().items() if v != defaults[k]}
+
     def replace(self, **overrides: Any) -> "Config":
-        """A validated copy with some knobs changed (``None`` values are ignored)."""
-        return resolve(**{**self.as_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+        """A validated copy with some knobs changed (``None`` values are ignored).
+
+        Knobs that still have the preset's value follow the preset: ``cfg.replace(method="trades")``
+        takes TRADES' tuned learning rate, while a learning rate set explicitly stays.
+        """
+        return resolve(self.preset, **{**self.explicit(), **{k: v for k, v in overrides.items() if v is not None}})
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # bundled scikit-learn digits, CPU, a chapter in minutes (DESIGN: eps 0.2 gives a CIFAR-like regime)
-    # measured on 2 cores: 15 epochs of 5-step PGD-AT take ~15 s and reach ~97% clean / ~60% PGD accuracy
-    # (20 epochs of 10 steps: ~31 s, ~97% / ~66%); the per-epoch monitor is kept small (200 samples, PGD-5)
+    # bundled scikit-learn digits, CPU, a chapter in minutes. eps 0.2 gives a CIFAR-like regime on digits
+    # (standard training: 98% clean / 2% PGD). 200 of the 1,347 training digits are held out for validation.
     # SAT's beta: Eq. 10 sums standard deviations over all d_l feature dimensions, so its scale grows with
-    # the layer's width; with the paper's 0.1 the quick model collapses its features (measured: 19% clean
-    # accuracy; 0.01 gives 90% / 56%, 0.003 gives 95% / 58%); Chapter 5 discusses the choice.
+    # the layer's width; with the paper's 0.1 the quick model collapses its features (Chapter 5, "How large
+    # should beta be?"); 0.003 starts beta * L_Cluster at about a tenth of the cross-entropy.
     "quick": dict(dataset="digits", width=16, epochs=15, batch_size=128, eps=0.2, step_size=0.08,
-                  attack_steps=5, monitor_size=200, monitor_steps=5, eval_steps=50, snapshot_epochs=(1, 5, 10, 15),
+                  attack_steps=5, val_size=200, monitor_steps=5, eval_steps=50, snapshot_epochs=(1, 5, 10, 15),
                   sat_beta=0.003),
-    # the paper's setting (Sec. 6.1), CIFAR-10, ResNet-18 with a 3x3 stem
+    # the paper's setting (Sec. 6.1), CIFAR-10, ResNet-18 with a 3x3 stem; 1,000 training images held out
+    # for validation, as in the robust-overfitting literature
     "paper": dict(dataset="cifar10", width=64, epochs=200, batch_size=128, eps=8 / 255, step_size=2 / 255,
-                  attack_steps=10, monitor_size=1000, eval_steps=100, snapshot_epochs=(1, 50, 100, 150, 200),
+                  attack_steps=10, val_size=1000, eval_steps=100, snapshot_epochs=(1, 50, 100, 150, 200),
                   # Eq. 10 at the paper's shape sums 8192 standard deviations per layer (512 x 4 x 4), 64 times
                   # the quick model's 128: beta scaled by the same factor keeps beta * L_Cluster at the share of
                   # the loss that trains well on the quick preset (Chapter 5: with 0.1 it starts at ~230x CE)
@@ -134,32 +147,40 @@ PRESETS["paper-wrn"] = {**PRESETS["paper"], "model": "wrn-28-10", "mart_beta": 6
 PRESETS["paper-cifar100"] = {**PRESETS["paper"], "dataset": "cifar100"}
 PRESETS["paper-svhn"] = {**PRESETS["paper"], "dataset": "svhn"}
 
+# Per preset and method, the values chosen by the tuning protocol of Chapter 5 ("Every defence trained
+# properly"): the same compute budget for every method, a grid over the learning rate and the
+# method's weight, each point scored by PGD accuracy on the held-out validation images (never the
+# test set). The paper presets keep the reference hyperparameters of each method's authors.
+TUNED: dict[str, dict[str, dict[str, Any]]] = {}
 
-_CHOICES = {"dataset": DATASETS, "model": MODELS, "method": METHODS, "augment": AUGMENTATIONS, "device": DEVICES,
-            "cuda_graphs": CUDA_GRAPHS, "sat_cluster_form": CLUSTER_FORMS}
-_POSITIVE = {"width", "epochs", "batch_size", "lr", "monitor_size", "eval_steps"}
-_NON_NEGATIVE = {"seed", "momentum", "weight_decay", "train_limit", "eps", "step_size", "attack_steps",
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    return {"dataset": tuple(catalog.DATASETS), "model": MODELS, "method": tuple(catalog.METHODS),
+            "augment": catalog.AUGMENTATIONS, "device": catalog.DEVICES, "cuda_graphs": catalog.CUDA_GRAPHS,
+            "sat_cluster_form": catalog.CLUSTER_FORMS, "schedule": catalog.SCHEDULES}
+
+
+_POSITIVE = {"width", "epochs", "batch_size", "lr", "eval_steps"}
+_NON_NEGATIVE = {"seed", "momentum", "weight_decay", "train_limit", "val_size", "eps", "step_size", "attack_steps",
                  "trades_beta", "mart_beta", "awp_gamma", "awp_warmup", "sat_lambda", "sat_beta",
                  "monitor_steps", "eval_size"}
 
 
 def resolve(preset: str = "quick", **overrides: Any) -> Config:
-    """The preset's ``Config`` with ``overrides`` applied and every knob validated.
+    """The preset's ``Config`` with its tuned values for the method and ``overrides`` applied, validated.
 
     ``None`` overrides keep the preset's value, so a notebook's parameters cell can default to ``None``.
     """
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {preset!r}.")
-    known = {f.name: f for f in fields(Config)}
-    values: dict[str, Any] = {"preset": preset, **PRESETS[preset]}
-    for name, value in overrides.items():
+    known = {f.name for f in fields(Config)}
+    for name in overrides:
         if name not in known:
             raise ConfigError(f"unknown parameter {name!r}; known parameters are {', '.join(sorted(known))}.")
-        if value is not None and name != "preset":
-            values[name] = value
-    for name, value in values.items():
-        values[name] = _check(name, value)
-    return Config(**values)
+    given = {k: v for k, v in overrides.items() if v is not None and k != "preset"}
+    method = _check("method", given.get("method", PRESETS[preset].get("method", Config.method)))
+    values: dict[str, Any] = {"preset": preset, **PRESETS[preset], **TUNED.get(preset, {}).get(method, {}), **given}
+    return Config(**{name: _check(name, value) for name, value in values.items()})
 
 
 def _check(name: str, value: Any) -> Any:
@@ -189,8 +210,9 @@ def _check(name: str, value: Any) -> Any:
     elif kind is str:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}.")
-    if name in _CHOICES and value not in _CHOICES[name]:
-        raise ConfigError(f"{name} must be one of {', '.join(_CHOICES[name])}, got {value!r}.")
+    choices = _choices()
+    if name in choices and value not in choices[name]:
+        raise ConfigError(f"{name} must be one of {', '.join(choices[name])}, got {value!r}.")
     if name in _POSITIVE and value <= 0:
         raise ConfigError(f"{name} must be positive, got {value!r}.")
     if name in _NON_NEGATIVE and value < 0:

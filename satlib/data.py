@@ -24,6 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .catalog import AUGMENTATIONS, DATASETS, DatasetInfo
+from .errors import SatlibError
+
 __all__ = [
     "DATASETS",
     "ArrayDataset",
@@ -31,43 +34,15 @@ __all__ = [
     "DatasetUnavailable",
     "batches",
     "data_root",
+    "holdout",
     "load",
 ]
 
 SPLITS = ("train", "test")
-AUGMENTATIONS = (None, "crop", "crop-flip")
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Static description of a dataset: image shape and number of classes."""
-
-    name: str
-    channels: int
-    size: int
-    num_classes: int
-    description: str
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo(
-        "digits", 1, 8, 10,
-        "scikit-learn handwritten digits (1,797 8x8 grey images), bundled; quick preset"),
-    "cifar10": DatasetInfo(
-        "cifar10", 3, 32, 10, "CIFAR-10 (50,000 train / 10,000 test 32x32 colour images)"),
-    "cifar100": DatasetInfo(
-        "cifar100", 3, 32, 100, "CIFAR-100 (50,000 train / 10,000 test, 100 fine classes)"),
-    "svhn": DatasetInfo(
-        "svhn", 3, 32, 10, "SVHN cropped digits (73,257 train / 26,032 test, 32x32 colour)"),
-    "synthetic": DatasetInfo(
-        "synthetic", 3, 32, 10,
-        "class-structured random tensors (shape configurable); for shape tests and "
-        "benchmarks only, never a result"),
-}
-
-
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(SatlibError, RuntimeError):
     """A dataset's files are missing or damaged and could not be downloaded."""
 
 
@@ -258,6 +233,25 @@ def load(name: str, split: str, *, root: str | os.PathLike | None = None,
     return ds if n is None or name == "synthetic" else ds.subset(int(n))
 
 
+def holdout(train: ArrayDataset, n: int) -> tuple[ArrayDataset, ArrayDataset]:
+    """Split ``n`` validation images off a training split: ``(rest, validation)``, stratified by class.
+
+    The split is fixed (scikit-learn's stratified ``train_test_split``, seed 0), so every run of a
+    dataset holds out the same images; the rest keeps its order. The trainer monitors the
+    validation images after every epoch and keeps the best epoch's weights by their PGD accuracy
+    (Chapter 5, "Robust overfitting"); the test split is never used to choose anything.
+    """
+    if n == 0:
+        return train, train.subset(0)
+    if not 0 < n < len(train):
+        raise ValueError(f"the validation split must hold between 0 and {len(train) - 1} images, got {n}")
+    from sklearn.model_selection import train_test_split
+
+    labels = train.y.cpu().numpy()
+    rest, val = train_test_split(np.arange(len(labels)), test_size=n, stratify=labels, random_state=0)
+    return train.subset(np.sort(rest)), train.subset(val)
+
+
 def _random_crop(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Random crop of each image after zero padding by ``size // 8`` pixels, vectorised."""
     b, c, h, w = x.shape
@@ -289,13 +283,13 @@ def _augment(x: torch.Tensor, augment: str, generator: torch.Generator | None) -
 
 
 def batches(ds: ArrayDataset, batch_size: int, *, shuffle: bool,
-            generator: torch.Generator | None = None, augment: str | None = None,
+            generator: torch.Generator | None = None, augment: str = "none",
             drop_last: bool = False, rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches sliced from ``ds`` on its own device (no DataLoader).
 
     ``shuffle`` draws one ``torch.randperm`` per call from ``generator`` (on the generator's device:
     a CUDA generator shuffles and augments on the GPU, with no host transfer per batch);
-    ``augment`` is None, ``"crop"`` (zero-pad ``size // 8`` pixels, random crop) or
+    ``augment`` is ``"none"``, ``"crop"`` (zero-pad ``size // 8`` pixels, random crop) or
     ``"crop-flip"`` (crop, then random horizontal flip), drawn from ``generator`` too,
     so a seeded generator gives reproducible epochs. With ``world_size`` > 1 (data-parallel
     training) every process draws the same permutation and keeps every ``world_size``-th sample
@@ -304,7 +298,7 @@ def batches(ds: ArrayDataset, batch_size: int, *, shuffle: bool,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if augment not in AUGMENTATIONS:
-        raise ValueError(f"unknown augment {augment!r}; allowed: None, 'crop', 'crop-flip'")
+        raise ValueError(f"unknown augment {augment!r}; allowed: {', '.join(AUGMENTATIONS)}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
     n = len(ds)
@@ -321,6 +315,6 @@ def batches(ds: ArrayDataset, batch_size: int, *, shuffle: bool,
         else:
             idx = perm[start:start + batch_size]
             xb, yb = ds.x[idx], ds.y[idx]
-        if augment is not None:
+        if augment != "none":
             xb = _augment(xb, augment, generator)
         yield xb, yb

@@ -92,14 +92,15 @@ def summarize(correct: pd.DataFrame) -> pd.DataFrame:
 
 def evaluate(model: nn.Module, data: ArrayDataset, attacks: Mapping[str, Attack] | Sequence[Attack], *,
              batch_size: int | None = None, progress: bool = False, seed: int | None = None,
-             cache: Run | None = None) -> pd.DataFrame:
+             cache: Run | None = None, tag: str = "last") -> pd.DataFrame:
     """Clean accuracy, accuracy under each attack and the worst case, as a tidy DataFrame.
 
     Columns: ``attack``, ``accuracy`` (fraction in [0, 1]), ``n`` (samples), ``seconds`` (per attack).
     With ``seed``, the global random state is reset before each attack, so an attack's column does
     not depend on which other attacks run or in what order. With ``cache`` (a run of the store), each
     column is kept in the run's artifacts under the attack's full description and the data size, so
-    a chapter that asks again, alone or in another list, reads it instead of attacking again.
+    a chapter that asks again, alone or in another list, reads it instead of attacking again; ``tag``
+    names the weights evaluated (a run's ``last`` or ``best`` epoch), so their columns stay apart.
     """
     if not isinstance(attacks, Mapping):
         attacks = {a.name: a for a in attacks}
@@ -115,7 +116,7 @@ def evaluate(model: nn.Module, data: ArrayDataset, attacks: Mapping[str, Attack]
         if cache is None:
             column = compute()
         else:
-            key = hashlib.sha256(repr((repr(attack), data.name, len(data), seed)).encode()).hexdigest()[:12]
+            key = hashlib.sha256(repr((repr(attack), data.name, len(data), seed, tag)).encode()).hexdigest()[:12]
             column = cache.cached_frame(f"correct-{key}", compute)
         columns[name] = column["correct"].to_numpy(dtype=bool)
         seconds[name] = float(column["seconds"].iloc[0]) if len(column) else 0.0

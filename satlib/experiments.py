@@ -27,16 +27,19 @@ from .data import DATASETS, ArrayDataset, load
 from .evaluation import evaluate
 from .runs import Run, RunStore
 from .training import model_for, resolve_device, train
+from .training.trainer import training_data
 
 
 @dataclass
 class Trained:
-    """A finished run with its model loaded."""
+    """A finished run with its model loaded: the last epoch's weights, or the best epoch's by validation
+    PGD accuracy (``weights="best"``; Chapter 5, "Robust overfitting")."""
 
     cfg: Config
     run: Run
     model: nn.Module
     device: torch.device
+    weights: str = "last"
 
     def test_set(self, n: int | None = None) -> ArrayDataset:
         """The test split (its first ``n`` samples; default ``cfg.eval_size``, 0 meaning all) on the device."""
@@ -45,8 +48,12 @@ class Trained:
         return (data.subset(n) if n else data).to(self.device)
 
     def train_set(self) -> ArrayDataset:
-        data = load(self.cfg.dataset, "train")
-        return (data.subset(self.cfg.train_limit) if self.cfg.train_limit else data).to(self.device)
+        """The images the model was trained on (the training split less the validation images)."""
+        return training_data(self.cfg)[0].to(self.device)
+
+    def val_set(self) -> ArrayDataset:
+        """The validation images held out of the training split (``cfg.val_size``)."""
+        return training_data(self.cfg)[1].to(self.device)
 
     def snapshot(self, epoch: int) -> nn.Module:
         """The model as it was after ``epoch`` (from the run's snapshots), in eval mode."""
@@ -55,13 +62,17 @@ class Trained:
         return model.eval()
 
 
-def load_or_train(cfg: Config, *, store: RunStore | None = None, progress: bool = True) -> Trained:
-    """The finished run of ``cfg``: loaded from the store, or trained (and resumed) now."""
+def load_or_train(cfg: Config, *, store: RunStore | None = None, progress: bool = True,
+                  weights: str = "last") -> Trained:
+    """The finished run of ``cfg``: loaded from the store, or trained (and resumed) now.
+
+    ``weights``: ``"last"`` (the final epoch's) or ``"best"`` (the epoch with the best validation PGD accuracy).
+    """
     run = train(cfg, store=store, progress=progress)
     device = resolve_device(cfg.device)
     model = model_for(cfg, device)
-    model.load_state_dict(run.load_model_state())
-    return Trained(cfg, run, model.eval(), device)
+    model.load_state_dict(run.load_model_state(weights))
+    return Trained(cfg, run, model.eval(), device, weights)
 
 
 def load_or_train_many(cfgs: Sequence[Config], *, store: RunStore | None = None, workers: int | None = None,
@@ -134,7 +145,7 @@ def evaluate_run(trained: Trained, attacks: Sequence[str] = ATTACKS, *, n: int |
     steps = cfg.eval_steps if steps is None else steps
     built = {a.name: a for a in (lafeat_for(trained, steps=steps) if name.lower() == "lafeat" else
                                  make_attack(name, eps=cfg.eps, steps=steps, restarts=restarts, seed=cfg.seed) for name in attacks)}
-    return evaluate(trained.model, trained.test_set(n), built, progress=progress, seed=cfg.seed,
+    return evaluate(trained.model, trained.test_set(n), built, progress=progress, seed=cfg.seed, tag=trained.weights,
                     cache=trained.run)
 
 

@@ -1,4 +1,4 @@
-"""The eight training methods as compositions of three parts (DESIGN "Training methods are compositions").
+"""The eight training methods as compositions of three parts (Chapter 5, "SAT and its combinations").
 
 =============  ===============  ==============  =========  ========  =====
 method         inner objective  outer loss      SAT shift  L_Cluster AWP
@@ -13,7 +13,8 @@ sat-trades     KL               TRADES          yes        yes       -
 sat-awp-at     CE               CE on adv       yes        yes       yes
 =============  ===============  ==============  =========  ========  =====
 
-A new method is a new row of ``METHODS``; ``TrainingObjective`` and the trainer never change.
+The rows live in ``satlib.catalog.METHODS``: a new method is a new row there; ``TrainingObjective``,
+``build_step`` and the trainer never change.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..attacks import PGD, CrossEntropy, KLDivergence
+from ..catalog import METHODS, Method
 from ..config import Config
 from ..models import FeatureTap, last_stage_blocks
 from ..models.folding import FoldedView
@@ -31,27 +33,6 @@ from .losses import OUTER_LOSSES, cluster_loss
 from .objectives import FeatureShiftObjective
 
 
-@dataclass(frozen=True)
-class Method:
-    """One row of the method table."""
-
-    inner: str | None      # "ce", "kl" or None (no attack)
-    outer: str             # key of OUTER_LOSSES
-    start: str             # random start of the training attack
-    sat: bool = False      # Eq. 7 shift term inside, Eq. 8 L_Cluster outside
-    awp: bool = False
-
-
-METHODS: dict[str, Method] = {
-    "standard": Method(None, "ce", "none"),
-    "pgd-at": Method("ce", "ce", "uniform"),
-    "trades": Method("kl", "trades", "normal"),
-    "mart": Method("ce", "mart", "uniform"),
-    "awp-at": Method("ce", "ce", "uniform", awp=True),
-    "sat": Method("ce", "ce", "uniform", sat=True),
-    "sat-trades": Method("kl", "trades", "normal", sat=True),
-    "sat-awp-at": Method("ce", "ce", "uniform", sat=True, awp=True),
-}
 _INNER = {"ce": CrossEntropy, "kl": KLDivergence}
 
 
@@ -65,7 +46,7 @@ class TrainingObjective:
     def __init__(self, method: Method, cfg: Config, layers: list[str], num_classes: int):
         self.method, self.layers, self.num_classes = method, layers, num_classes
         self.outer = OUTER_LOSSES[method.outer]
-        self.weights = {"trades_beta": cfg.trades_beta, "mart_beta": cfg.mart_beta}
+        self.weights = {knob: getattr(cfg, knob) for knob in method.knobs}
         self.sat_beta, self.sat_form = cfg.sat_beta, cfg.sat_cluster_form
         self.needs_clean = method.outer in ("trades", "mart")
 

@@ -2,17 +2,32 @@
 
     L_Gen(x + r) = base(x + r) - Lambda * (1/n) sum_l ||f^l(x + r) - f^l(x)||_2 ,  Lambda ~ U(0, lambda)
 
-``base`` is CE (SAT, SAT-AWP-AT) or TRADES' KL (SAT-TRADES). The shift is per sample (the paper's
-Eq. 7; the released code takes one Frobenius norm over the batch, NOTES E8), and Lambda is one scalar
-drawn afresh at every attack step, shared by the batch, as in the released code.
+``base`` is CE (SAT, SAT-AWP-AT) or TRADES' KL (SAT-TRADES). The shift is per sample, as the paper's
+Eq. 7 writes it, so ``lambda`` is a per-sample weight; the released code takes one Frobenius norm over
+the whole batch instead (``per_sample_lambda`` converts its lambda). Lambda is one scalar drawn afresh
+at every attack step, shared by the batch, as in the released code.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from ..attacks.objectives import Objective
 from ..models import FeatureTap
+
+
+def per_sample_lambda(code_lambda: float, batch_size: int) -> float:
+    """The per-sample weight of Eq. 7 that equals the released code's weight at ``batch_size`` (Chapter 5).
+
+    The code maximises ``mean_i CE_i - lambda_code ||Delta||_F`` with ``Delta`` the batch's stacked
+    feature shifts. Its gradient in sample j's shift is ``lambda_code Delta_j / ||Delta||_F``; when
+    every sample's shift has the same norm s, ``||Delta||_F = sqrt(B) s``, so per sample (after the
+    common factor 1/B of the mean) the shift term weighs ``lambda_code sqrt(B)`` against the sample's
+    CE: the ascent direction of Eq. 7 with ``lambda = lambda_code * sqrt(B)``.
+    """
+    return code_lambda * math.sqrt(batch_size)
 
 
 def feature_shift(adv: dict[str, torch.Tensor], clean: dict[str, torch.Tensor], layers: list[str]) -> torch.Tensor:

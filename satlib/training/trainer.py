@@ -2,8 +2,10 @@
 
 ``train(cfg)`` trains the run of ``cfg`` in the run store, resuming from its last checkpoint, and
 returns the finished ``Run``. Per epoch it records the loss terms, training accuracy on the inputs
-it trained on, and clean and PGD accuracy on the first ``monitor_size`` test samples; it writes a
-checkpoint (model, optimiser, schedule, metrics) atomically. Every random number of an epoch comes
+it trained on, and clean and PGD accuracy on the ``val_size`` validation images held out of the
+training split; it keeps the weights of the epoch with the best validation PGD accuracy beside the
+last ones (robust overfitting, Chapter 5), and writes a checkpoint (model, optimiser, schedule,
+metrics) atomically. Every random number of an epoch comes
 from generators seeded by (seed, epoch, rank), so a killed process resumes to exactly the weights of
 an uninterrupted run. A non-finite loss stops training with ``TrainingDiverged`` and leaves the last
 good checkpoint in place.
@@ -33,7 +35,8 @@ from tqdm import tqdm
 
 from ..attacks import PGD
 from ..config import Config
-from ..data import DATASETS, ArrayDataset, batches, load
+from ..data import DATASETS, ArrayDataset, batches, holdout, load
+from ..errors import SatlibError
 from ..evaluation import correct_mask
 from ..models import build_model
 from ..runs import Run, RunLocked, RunStore
@@ -41,7 +44,7 @@ from .graphs import GraphedStep, device_learning_rate
 from .methods import build_step
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(SatlibError, RuntimeError):
     """The training loss became NaN or infinite; the run keeps its last good checkpoint."""
 
 
@@ -53,7 +56,7 @@ class EpochEnd:
     model: nn.Module
     cfg: Config
     run: Run
-    test: ArrayDataset
+    val: ArrayDataset
 
 
 EpochCallback = Callable[[EpochEnd], "dict[str, Any] | None"]
@@ -75,9 +78,27 @@ def model_for(cfg: Config, device: torch.device | str = "cpu") -> nn.Module:
                        width=cfg.width).to(device)
 
 
-def accuracy(model: nn.Module, data: ArrayDataset, attack: PGD | None = None) -> float:
-    """Fraction of ``data`` classified correctly (in fp32), on clean inputs or under ``attack``."""
-    return correct_mask(model, data, attack).float().mean().item()
+def training_data(cfg: Config) -> tuple[ArrayDataset, ArrayDataset]:
+    """``(train, validation)``: the training split less its ``val_size`` held-out images (``data.holdout``),
+    then its first ``train_limit`` images if that is set."""
+    train, val = holdout(load(cfg.dataset, "train"), cfg.val_size)
+    return (train.subset(cfg.train_limit) if cfg.train_limit else train), val
+
+
+def learning_rate_schedule(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch schedule: ``step`` (times ``lr_decay`` at ``lr_decay_at``) or ``cosine`` (to 0 at the end)."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones(), gamma=cfg.lr_decay)
+
+
+def monitor_row(model: nn.Module, val: ArrayDataset, attack: PGD | None) -> dict[str, float]:
+    """Clean and PGD accuracy on the validation images, in fp32 (NaN without images or attack)."""
+    if not len(val):
+        return {"val_clean_acc": float("nan"), "val_pgd_acc": float("nan")}
+    clean = correct_mask(model, val).float().mean().item()
+    robust = correct_mask(model, val, attack).float().mean().item() if attack is not None else float("nan")
+    return {"val_clean_acc": clean, "val_pgd_acc": robust}
 
 
 @dataclass(frozen=True)
@@ -159,11 +180,8 @@ def _train(cfg: Config, run: Run, job: Distributed, progress: bool, callbacks: S
         device = torch.device("cuda", job.local_rank)
         torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)                       # identical initial weights on every rank
-    train_data = load(cfg.dataset, "train")
-    if cfg.train_limit:
-        train_data = train_data.subset(cfg.train_limit)
-    train_data = train_data.to(device)
-    test = load(cfg.dataset, "test").subset(cfg.monitor_size).to(device)
+    train_data, val = training_data(cfg)
+    train_data, val = train_data.to(device), val.to(device)
 
     model = model_for(cfg, device)
     channels_last = cfg.channels_last and cuda
@@ -174,9 +192,10 @@ def _train(cfg: Config, run: Run, job: Distributed, progress: bool, callbacks: S
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 fused=cuda or None)
     device_learning_rate(optimizer, device)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones(), gamma=cfg.lr_decay)
+    schedule = learning_rate_schedule(cfg, optimizer)
 
     metrics: list[dict[str, Any]] = []
+    best = {"epoch": 0, "val_pgd_acc": float("-inf")}
     start = 1
     state = run.load_checkpoint()
     if state is not None:
@@ -185,6 +204,7 @@ def _train(cfg: Config, run: Run, job: Distributed, progress: bool, callbacks: S
         device_learning_rate(optimizer, device)       # a loaded learning rate arrives on the CPU
         schedule.load_state_dict(state["schedule"])
         metrics, start = list(state["metrics"]), state["epoch"] + 1
+        best = dict(state.get("best", best))
 
     forward = nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None) if job.active else model
     step = build_step(cfg, model, train_data.num_classes, amp=cfg.amp and cuda)
@@ -234,18 +254,20 @@ def _train(cfg: Config, run: Run, job: Distributed, progress: bool, callbacks: S
             if job.rank == 0:
                 row = {"epoch": epoch, "lr": lr, "loss": row.pop("loss"), **row,
                        "train_acc": summed[-2] / summed[-1],
-                       "test_clean_acc": accuracy(model, test),
-                       "test_pgd_acc": accuracy(model, test, monitor) if monitor else float("nan")}
+                       **monitor_row(model, val, monitor)}
                 for callback in callbacks:
-                    row.update(callback(EpochEnd(epoch, model, cfg, run, test)) or {})
+                    row.update(callback(EpochEnd(epoch, model, cfg, run, val)) or {})
                 row["seconds"] = time.perf_counter() - began
                 metrics.append(row)
-                epochs.set_postfix(loss=f"{row['loss']:.3f}", clean=f"{row['test_clean_acc']:.3f}",
-                                   pgd=f"{row['test_pgd_acc']:.3f}")
+                epochs.set_postfix(loss=f"{row['loss']:.3f}", clean=f"{row['val_clean_acc']:.3f}",
+                                   pgd=f"{row['val_pgd_acc']:.3f}")
                 if epoch in cfg.snapshot_epochs:
                     run.save_snapshot(epoch, model.state_dict())
+                if row["val_pgd_acc"] > best["val_pgd_acc"]:          # NaN (no validation) never is
+                    best = {"epoch": epoch, "val_pgd_acc": row["val_pgd_acc"]}
+                    run.save_best(model.state_dict(), epoch)
                 run.save_checkpoint({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "schedule": schedule.state_dict(), "metrics": metrics})
+                                     "schedule": schedule.state_dict(), "metrics": metrics, "best": best})
                 run.write_metrics(metrics)
             job.barrier()
     if job.rank == 0:
