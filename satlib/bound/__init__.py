@@ -1,4 +1,4 @@
-"""The robustness bound of Theorem 2 (Eq. 11 of the paper, corrected; NOTES E5), Chapter 6.
+"""The robustness bound of Theorem 2 (the paper's Eq. 11, corrected in Chapter 6 as thm-ch6-bound).
 
 Write the network as ``z = W h(x) + b``: ``h`` is the *feature map* (everything up to the input of the
 last linear layer, ``model.linear`` for both models of the book) and ``z`` the logits. For the label

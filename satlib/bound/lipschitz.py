@@ -75,7 +75,6 @@ class LipschitzBound:
         return math.sqrt(self.input_dim)
 
 
-
 class LayerTable:
     """The per-operator rows of ``lipschitz_bound`` and the norms behind them; rules add their rows here.
 
