@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .attacks import Attack, attack_mode
-from .data import ArrayDataset
+from .data import ArrayDataset, batches
 from .models import FeatureTap, conv_layers
 
 NORMS = {"l1": 1.0, "l2": 2.0, "linf": float("inf")}
@@ -30,15 +30,18 @@ NORMS = {"l1": 1.0, "l2": 2.0, "linf": float("inf")}
 
 def class_centroids(model: nn.Module, data: ArrayDataset, layers: Sequence[str], *,
                     batch_size: int = 500) -> dict[str, torch.Tensor]:
-    """Per-layer [classes, d_l] centroids of clean features over ``data``, streamed batch by batch."""
+    """Per-layer [classes, d_l] centroids of clean features over ``data``, streamed batch by batch.
+
+    ``layers`` are ``FeatureTap`` names: ``"linear:input"`` gives the class means of the features the
+    last linear layer reads (mu_y of Chapter 6).
+    """
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     counts = torch.zeros(data.num_classes, device=device, dtype=torch.float64)
     with attack_mode(model), torch.no_grad(), FeatureTap(model, layers) as tap:
-        for start in range(0, len(data), batch_size):
-            x = data.x[start:start + batch_size].to(device)
-            y = data.y[start:start + batch_size].to(device)
-            model(x)
+        for x, y in batches(data, batch_size, shuffle=False):
+            y = y.to(device)
+            model(x.to(device))
             onehot = torch.nn.functional.one_hot(y, data.num_classes).double()
             counts += onehot.sum(0)
             for l in layers:
@@ -68,9 +71,8 @@ def clustering_accuracy(model: nn.Module, data: ArrayDataset, centroids: dict[st
     hits = {(l, n): 0 for l in layers for n in norms}
     correct = 0
     with FeatureTap(model, layers) as tap:
-        for start in range(0, len(data), batch_size):
-            x = data.x[start:start + batch_size].to(device)
-            y = data.y[start:start + batch_size].to(device)
+        for x, y in batches(data, batch_size, shuffle=False):
+            x, y = x.to(device), y.to(device)
             if attack is not None:
                 x = attack(model, x, y)
             with attack_mode(model), torch.no_grad():

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import Attack, attack_mode, project
-from .data import ArrayDataset
+from .attacks import PGD, Attack, attack_mode
+from .data import ArrayDataset, batches
 from .models import FeatureTap
 
 
@@ -26,9 +26,8 @@ def feature_shifts(model: nn.Module, data: ArrayDataset, attack: Attack, layers:
     """
     device = next(model.parameters()).device
     rows = []
-    for start in range(0, len(data), batch_size):
-        x = data.x[start:start + batch_size].to(device)
-        y = data.y[start:start + batch_size].to(device)
+    for i, (x, y) in enumerate(batches(data, batch_size, shuffle=False)):
+        start, x, y = i * batch_size, x.to(device), y.to(device)
         x_adv = attack(model, x, y)
         with attack_mode(model), torch.no_grad(), FeatureTap(model, layers) as tap:
             model(x)
@@ -47,12 +46,11 @@ def shift_gradient_cosine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, la
                           eps: float, steps: int = 100, step_size: float | None = None) -> pd.DataFrame:
     """Figure 1: cosine between f^l(x + r_t) - f^l(x) and grad_{f^l(x)} L_CE(f(x), y) along PGD.
 
-    Runs PGD on CE (uniform start) for ``steps`` iterations; at each iterate ``r_t`` it records, per
-    layer, the mean over samples of the cosine similarity between the feature shift and the
-    intermediate-layer gradient of CE taken at the clean input. Returns a tidy frame with columns
+    Follows the iterates ``r_t`` of ``satlib.attacks.PGD`` on CE (uniform start, ``steps`` iterations)
+    and records, per layer, the mean over samples of the cosine similarity between the feature shift
+    and the intermediate-layer gradient of CE taken at the clean input. Returns a tidy frame with columns
     ``step`` (1..steps), ``layer``, ``cosine`` (mean) and ``positive`` (fraction of samples with cosine > 0).
     """
-    step_size = eps / 4 if step_size is None else step_size
     rows = []
     with attack_mode(model), FeatureTap(model, layers) as tap:
         x_req = x.detach().clone().requires_grad_(True)
@@ -61,12 +59,8 @@ def shift_gradient_cosine(model: nn.Module, x: torch.Tensor, y: torch.Tensor, la
         grads = torch.autograd.grad(loss, feats)
         clean = {l: f.detach().flatten(1) for l, f in zip(layers, feats)}
         grad = {l: g.flatten(1) for l, g in zip(layers, grads)}
-        x_adv = project(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
-        for step in range(1, steps + 1):
-            x_adv.requires_grad_(True)
-            adv_loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-            g_x, = torch.autograd.grad(adv_loss, x_adv)
-            x_adv = project(x_adv.detach() + step_size * g_x.sign(), x, eps)
+        path = PGD(eps, steps=steps, step_size=step_size).iterates(model, x, y)
+        for step, x_adv in enumerate(path, start=1):
             with torch.no_grad():
                 model(x_adv)
                 for l in layers:

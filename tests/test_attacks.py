@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from satlib.attacks import BIM, FGSM, PGD, AutoAttack, CWInf, KLDivergence, make_attack, margin
+from satlib.attacks import (BIM, FGSM, PGD, AutoAttack, CWInf, CWMargin, KLDivergence, SignGradientAttack,
+                            make_attack, margin, project)
 from satlib.evaluation import correct_mask, evaluate
 
 EPS = 0.2
@@ -124,6 +125,65 @@ def test_make_attack_names():
         make_attack("deepfool", eps=0.1)
     with pytest.raises(ValueError, match="eps"):
         PGD(-0.1)
+    with pytest.raises(ValueError, match="eps"):
+        PGD(torch.tensor([0.1, 1.5]))
+    with pytest.raises(ValueError, match="one radius"):
+        AutoAttack(torch.tensor([0.1, 0.2]))
+
+
+# -- one radius per sample, the best iterate, the path (the engine Chapters 1 and 6 share) --------------
+def test_project_accepts_per_sample_radii():
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(5, 1, 4, 4, generator=g)
+    eps = torch.tensor([0.0, 0.01, 0.1, 0.5, 1.0])
+    p = project(x + 2 * torch.randn(x.shape, generator=g), x, eps)
+    assert ((p - x).flatten(1).abs().amax(1) <= eps + 1e-7).all() and p.min() >= 0 and p.max() <= 1
+    assert torch.equal(p[0], x[0])
+    assert torch.equal(project(p, x, torch.full((5,), 0.1)), project(p, x, 0.1))
+    with pytest.raises(ValueError, match="shape"):
+        project(p, x, eps[:3])
+
+
+def test_per_sample_eps_keeps_each_sample_in_its_own_ball(trained_digits_model, batch):
+    x, y = batch
+    eps = torch.linspace(0.0, EPS, len(x))
+    attack = PGD(eps, steps=5)
+    x_adv = attack(trained_digits_model, x, y)
+    assert ((x_adv - x).flatten(1).abs().amax(1) <= eps + 1e-6).all() and torch.equal(x_adv[0], x[0])
+    assert "per-sample[200]" in repr(attack)
+    # a tensor of equal radii is the float attack, draw for draw
+    torch.manual_seed(2)
+    same = PGD(torch.full((len(x),), EPS), steps=3)(trained_digits_model, x, y)
+    torch.manual_seed(2)
+    assert torch.allclose(same, PGD(EPS, steps=3)(trained_digits_model, x, y), atol=1e-6)
+
+
+def test_maximise_keeps_the_best_iterate(trained_digits_model, batch):
+    x, y = batch[0][:50], batch[1][:50]
+    model, objective = trained_digits_model, CWMargin(kappa=float("inf"))
+
+    def attack(restarts):
+        return SignGradientAttack(torch.full((len(x),), EPS), steps=4, restarts=restarts, objective=objective,
+                                  generator=torch.Generator().manual_seed(3))
+    x_best, value = attack(1).maximise(model, x, y)
+    path = list(attack(1).iterates(model, x, y))               # the same draw: the same path
+    with torch.no_grad():
+        assert torch.allclose(objective(model, x_best, y, None), value, atol=1e-5)
+        assert (value >= torch.stack([objective(model, p, y, None) for p in path]).amax(0) - 1e-5).all()
+    assert ((x_best - x).abs().amax() <= EPS + 1e-6) and x_best.min() >= 0 and x_best.max() <= 1
+    _, value2 = attack(2).maximise(model, x, y)                 # restart 1 is the same, restart 2 can only add
+    assert (value2 >= value).all() and (value2 > value).any()
+
+
+def test_iterates_follow_the_attack(trained_digits_model, batch):
+    x, y = batch
+    attack = PGD(EPS, steps=4)
+    torch.manual_seed(4)
+    path = list(attack.iterates(trained_digits_model, x, y))
+    torch.manual_seed(4)
+    final = attack(trained_digits_model, x, y)
+    assert len(path) == 4 and torch.equal(path[-1], final)
+    assert all(((p - x).abs().max() <= EPS + 1e-6) for p in path)
 
 
 def test_seeded_columns_do_not_depend_on_the_other_attacks_and_are_cached(trained_digits_model, digits_test, tmp_path):

@@ -451,8 +451,8 @@ def test_kde_bounds_are_exact_in_the_two_limits():
 
 def test_kde_chunking_does_not_change_the_result():
     x = torch.randn(300, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    full = ib._mean_log_kernel_mean(x, 0.7)
-    chunked = ib._mean_log_kernel_mean(x, 0.7, max_chunk_bytes=8 * 300 * 7)  # 7 rows at a time
+    full = ib.estimators._mean_log_kernel_mean(x, 0.7)
+    chunked = ib.estimators._mean_log_kernel_mean(x, 0.7, max_chunk_bytes=8 * 300 * 7)  # 7 rows at a time
     assert chunked == pytest.approx(full, rel=1e-12)
 
 

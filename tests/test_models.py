@@ -46,6 +46,19 @@ def test_feature_tap_is_the_forward_pass_and_cleans_up():
         FeatureTap(model, ["layer9"])
 
 
+def test_feature_tap_reads_a_module_input():
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, in_channels=1, width=4).eval()
+    x = torch.rand(5, 1, 8, 8)
+    with FeatureTap(model, ["linear:input", "layer4.1"]) as tap:
+        logits = model(x)
+    assert torch.equal(model.linear(tap["linear:input"]), logits)
+    assert torch.allclose(tap["linear:input"], tap["layer4.1"].mean((2, 3)))
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    with pytest.raises(KeyError, match="unknown layer"):
+        FeatureTap(model, ["layer9:input"])
+
+
 def test_features_carry_gradients():
     model = build_model("resnet18", num_classes=10, in_channels=1, width=4)
     x = torch.rand(2, 1, 8, 8, requires_grad=True)

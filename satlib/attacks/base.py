@@ -30,9 +30,40 @@ def attack_mode(model: nn.Module, *, eval_mode: bool = True):
         model.train(was_training)
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Project onto the L-inf ball of radius ``eps`` around ``x`` intersected with the pixel range [0, 1]."""
+def per_sample(value: float | torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+    """A float as it is; a per-sample tensor [B] (a radius or a step size) shaped [B, 1, ..., 1] to broadcast over x."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.shape != (len(x),):
+        raise ValueError(f"a per-sample radius needs shape [{len(x)}] for this batch, got {tuple(value.shape)}")
+    return value.to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """Project onto the L-inf ball of radius ``eps`` around ``x`` intersected with the pixel range [0, 1].
+
+    ``eps`` is one radius (a float) or one per sample (a tensor [B]): Eq. (eq-ch1-project), Chapter 1.
+    """
+    eps = per_sample(eps, x)
     return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def check_eps(eps: float | torch.Tensor, *, allow_tensor: bool) -> float | torch.Tensor:
+    """``eps`` as a float in [0, 1] or, where ``allow_tensor``, a 1-D tensor of per-sample radii in [0, 1]."""
+    if isinstance(eps, torch.Tensor) and eps.dim() == 1 and allow_tensor:
+        if ((eps < 0) | (eps > 1)).any():
+            raise ValueError("per-sample eps are in pixel units of [0, 1] and must all lie in [0, 1]")
+        return eps
+    if isinstance(eps, torch.Tensor) and eps.numel() != 1:
+        raise ValueError(f"this attack takes one radius eps (a float), got a tensor of shape {tuple(eps.shape)}")
+    if not 0 <= eps <= 1:
+        raise ValueError(f"eps is in pixel units of [0, 1] and must lie in [0, 1], got {eps!r}")
+    return float(eps)
+
+
+def describe(value: float | torch.Tensor) -> str:
+    """A radius or step size for ``repr``: the number, or ``per-sample[B]`` for a tensor of them."""
+    return f"per-sample[{len(value)}]" if isinstance(value, torch.Tensor) else f"{value:.4g}"
 
 
 def autocast(x: torch.Tensor, enabled: bool):
@@ -44,14 +75,17 @@ def autocast(x: torch.Tensor, enabled: bool):
 
 
 class Attack(ABC):
-    """Base class: subclasses implement ``perturb(model, x, y)``; ``__call__`` wraps it in ``attack_mode``."""
+    """Base class: subclasses implement ``perturb(model, x, y)``; ``__call__`` wraps it in ``attack_mode``.
+
+    ``eps`` is one radius; an attack with ``per_sample_eps`` also takes a tensor [B] of radii, one per
+    sample of the batches it is called on (Chapter 6 bisects a radius per sample).
+    """
 
     name = "attack"
+    per_sample_eps = False
 
-    def __init__(self, eps: float):
-        if not 0 <= eps <= 1:
-            raise ValueError(f"eps is in pixel units of [0, 1] and must lie in [0, 1], got {eps!r}")
-        self.eps = float(eps)
+    def __init__(self, eps: float | torch.Tensor):
+        self.eps = check_eps(eps, allow_tensor=self.per_sample_eps)
 
     @abstractmethod
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,4 +96,4 @@ class Attack(ABC):
             return self.perturb(model, x.detach(), y.detach()).detach()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(eps={self.eps:.4g})"
+        return f"{type(self).__name__}(eps={describe(self.eps)})"

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..data import batches
 from ..models import FeatureTap, residual_blocks
 from .base import Attack, attack_mode, autocast, project
 from .objectives import margin
@@ -118,9 +119,9 @@ def load_heads_state(heads: Mapping[str, nn.Module], state: Mapping[str, torch.T
     return dict(heads)
 
 
-def _model_labels(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+def _model_labels(model: nn.Module, data, batch_size: int = 500) -> torch.Tensor:
     with attack_mode(model), torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+        return torch.cat([model(x).argmax(1) for x, _ in batches(data, batch_size, shuffle=False)])
 
 
 def _features(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -149,8 +150,9 @@ def train_heads(model: nn.Module, data, layers: Sequence[str] | None = None, *, 
         raise ValueError(f"epochs, batch_size and lr must be positive, got {epochs}, {batch_size}, {lr}")
     layers = default_layers(model) if layers is None else list(layers)
     device = next(model.parameters()).device
-    x_all = data.x.to(device)
-    labels = _model_labels(model, x_all) if target == "model" else data.y.to(device)
+    data = data.to(device)
+    x_all = data.x
+    labels = _model_labels(model, data) if target == "model" else data.y
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         heads = make_heads(model, x_all, layers, data.num_classes, hidden=hidden, pool=pool, activation=activation)
@@ -158,7 +160,7 @@ def train_heads(model: nn.Module, data, layers: Sequence[str] | None = None, *, 
     size = 4 * len(x_all) * sum(math.prod(s) for s in shapes.values())
     cached = None
     if size <= cache_bytes:
-        parts = [_features(model, x_all[i:i + 500], layers) for i in range(0, len(x_all), 500)]
+        parts = [_features(model, x, layers) for x, _ in batches(data, 500, shuffle=False)]
         cached = {l: torch.cat([p[l] for p in parts]) for l in layers}
     params = [p for h in heads.values() for p in h.parameters()]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -194,10 +196,9 @@ def head_agreement(model: nn.Module, heads: Mapping[str, nn.Module], data, *, ba
     hits = {l: 0 for l in heads}
     with attack_mode(model), attack_mode(nn.ModuleList(heads.values())), torch.no_grad(), \
             FeatureTap(model, list(heads)) as tap:
-        for start in range(0, len(data), batch_size):
-            x = data.x[start:start + batch_size].to(device)
-            pred = model(x).argmax(1)
-            ref = pred if target == "model" else data.y[start:start + batch_size].to(device)
+        for x, y in batches(data, batch_size, shuffle=False):
+            pred = model(x.to(device)).argmax(1)
+            ref = pred if target == "model" else y.to(device)
             for l, head in heads.items():
                 hits[l] += (head(tap[l].float()).argmax(1) == ref).sum().item()
     return {l: h / len(data) for l, h in hits.items()}

@@ -24,11 +24,16 @@ class Objective(ABC):
         """One value per sample, to be maximised."""
 
 
+def full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 at least: bf16 ones from autocast are upcast, float64 ones (Chapter 6) kept."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 class CrossEntropy(Objective):
     """L_CE(f(x + r), y): the objective of FGSM, BIM, PGD and PGD-AT (Eq. 1)."""
 
     def __call__(self, model, x_adv, y, ctx):
-        return F.cross_entropy(model(x_adv).float(), y, reduction="none")
+        return F.cross_entropy(full_precision(model(x_adv)), y, reduction="none")
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -45,7 +50,7 @@ class CWMargin(Objective):
         self.kappa = kappa
 
     def __call__(self, model, x_adv, y, ctx):
-        return margin(model(x_adv).float(), y).clamp(max=self.kappa)
+        return margin(full_precision(model(x_adv)), y).clamp(max=self.kappa)
 
 
 class KLDivergence(Objective):
@@ -53,8 +58,8 @@ class KLDivergence(Objective):
 
     def prepare(self, model, x, y):
         with torch.no_grad():
-            return F.softmax(model(x).float(), dim=1)
+            return F.softmax(full_precision(model(x)), dim=1)
 
     def __call__(self, model, x_adv, y, ctx):
-        log_p_adv = F.log_softmax(model(x_adv).float(), dim=1)
+        log_p_adv = F.log_softmax(full_precision(model(x_adv)), dim=1)
         return F.kl_div(log_p_adv, ctx, reduction="none").sum(1)

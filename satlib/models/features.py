@@ -3,7 +3,7 @@
 Clustering accuracy (Chapter 2), the feature shift of ILA vs OLA (Chapter 4) and SAT's two terms
 (Eq. 7-10, Chapter 5) all need ``f^l(x)`` for chosen layers ``l`` from the same forward pass that
 gives the logits. Forward hooks do exactly that: ``with FeatureTap(model, names) as tap`` records the
-output of each named module during every forward pass inside the block.
+output of each named module (or, as ``"name:input"``, its input) during every forward pass inside the block.
 """
 from __future__ import annotations
 
@@ -68,6 +68,9 @@ def _in_forward_order(model: nn.Module, names: list[str]) -> list[str]:
     return seen
 
 
+INPUT_SUFFIX = ":input"
+
+
 class FeatureTap:
     """Context manager recording the outputs of named modules during forward passes.
 
@@ -75,29 +78,40 @@ class FeatureTap:
     ...     logits = model(x)
     ...     h = tap["layer4.1"]          # [B, C, H, W], part of the autograd graph
 
-    Each forward pass overwrites the stored outputs; ``tap.features`` is the name -> tensor dict.
+    A name ending in ``:input`` records the module's (first) *input* instead, with a forward
+    pre-hook: ``"linear:input"`` is the feature vector the last linear layer reads (h of
+    Theorem 2, Chapter 6). Each forward pass overwrites the stored tensors; ``tap.features`` is the
+    name -> tensor dict.
     """
 
     def __init__(self, model: nn.Module, names: list[str] | tuple[str, ...]):
         model = unwrap(model)
         modules = dict(model.named_modules())
-        unknown = [n for n in names if n not in modules]
+        unknown = [n for n in names if n.removesuffix(INPUT_SUFFIX) not in modules]
         if unknown:
             raise KeyError(f"unknown layer name(s) {unknown}; see satlib.models.conv_layers(model) "
-                           "and residual_blocks(model) for valid names")
+                           "and residual_blocks(model) for valid names (a suffix ':input' taps a module's input)")
         self.names = list(names)
-        self._modules = [modules[n] for n in self.names]
+        self._modules = [modules[n.removesuffix(INPUT_SUFFIX)] for n in self.names]
         self._handles: list = []
         self.features: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> "FeatureTap":
         for name, module in zip(self.names, self._modules):
-            self._handles.append(module.register_forward_hook(self._recorder(name)))
+            if name.endswith(INPUT_SUFFIX):
+                self._handles.append(module.register_forward_pre_hook(self._input_recorder(name)))
+            else:
+                self._handles.append(module.register_forward_hook(self._recorder(name)))
         return self
 
     def _recorder(self, name: str):
         def hook(module, inputs, output):
             self.features[name] = output
+        return hook
+
+    def _input_recorder(self, name: str):
+        def hook(module, inputs):
+            self.features[name] = inputs[0]
         return hook
 
     def __exit__(self, *exc) -> None:
