@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -153,18 +154,36 @@ def _unavailable(name: str, folder: Path, problem: str) -> DatasetUnavailable:
         f"can point to another data folder.")
 
 
-def _load_torchvision(name: str, split: str, root, download: bool | None):
-    from torchvision.datasets.utils import extract_archive
+def _unpack(name: str, archive: Path, folder: Path, md5: str) -> None:
+    """Unpack a dataset archive into ``folder`` once its MD5 matches the published one; every member must be
+    a plain file or folder that lands inside ``folder`` (no links, no devices), checked before anything is
+    written, and on Pythons that have it tarfile's ``data`` filter checks again."""
+    from torchvision.datasets.utils import check_md5
 
+    if not check_md5(str(archive), md5):
+        raise _unavailable(name, folder, f"the archive {archive} does not match its published MD5 checksum "
+                                         f"(a damaged or different file: delete it and fetch it again)")
+    inside = folder.resolve()
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            for member in members:
+                lands = (inside / member.name).resolve()
+                if not (member.isfile() or member.isdir()) or not lands.is_relative_to(inside):
+                    raise _unavailable(name, folder, f"the archive {archive} holds {member.name!r}, which is not a "
+                                                     f"plain file or folder inside {folder}, so nothing was unpacked")
+            tar.extractall(folder, members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise _unavailable(name, folder, f"the archive {archive.name} could not be unpacked ({e})") from e
+
+
+def _load_torchvision(name: str, split: str, root, download: bool | None):
     cls = _tv_class(name)
     folder = data_root(root) / name
     needed = _needed_files(cls, name, split, folder)
     archive = folder / getattr(cls, "filename", "")
     if name != "svhn" and not all(p.is_file() for p in needed) and archive.is_file():
-        try:  # a local archive needs no network: unpack it
-            extract_archive(str(archive), str(folder))
-        except Exception as e:
-            raise _unavailable(name, folder, f"the archive {archive.name} could not be unpacked ({e})") from e
+        _unpack(name, archive, folder, cls.tgz_md5)       # a local archive needs no network
 
     kwargs = {"split": split} if name == "svhn" else {"train": split == "train"}
     if all(p.is_file() for p in needed):

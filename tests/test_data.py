@@ -2,6 +2,7 @@
 formats, the missing/corrupted-file errors, synthetic data and the batch iterator."""
 
 import hashlib
+import io
 import pickle
 import tarfile
 import urllib.error
@@ -170,13 +171,62 @@ def test_cifar10_reads_real_format(tmp_path, monkeypatch):
                        torch.from_numpy(d.reshape(-1, 3, 32, 32))[perm])
 
 
-def test_cifar10_reads_local_archive(tmp_path, monkeypatch):
-    base, arrays = _make_cifar10(tmp_path / "src", monkeypatch)
-    (tmp_path / "cifar10").mkdir()
-    with tarfile.open(tmp_path / "cifar10" / "cifar-10-python.tar.gz", "w:gz") as tar:
+def _cifar10_archive(root, monkeypatch):
+    """A CIFAR-10 archive in the real layout under ``root/cifar10``, and the arrays it holds."""
+    base, arrays = _make_cifar10(root / "src", monkeypatch)
+    (root / "cifar10").mkdir()
+    archive = root / "cifar10" / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
         tar.add(base, arcname="cifar-10-batches-py")
+    return archive, arrays
+
+
+def test_cifar10_reads_local_archive(tmp_path, monkeypatch):
+    archive, arrays = _cifar10_archive(tmp_path, monkeypatch)
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", md5(archive))
     test = load("cifar10", "test", root=tmp_path, download=False)
     assert torch.equal(test.y, torch.tensor(arrays["test_batch"][1])[fixed_perm(10)])
+
+
+def test_archive_with_another_checksum_is_not_unpacked(tmp_path, monkeypatch):
+    archive, _ = _cifar10_archive(tmp_path, monkeypatch)
+    with pytest.raises(DatasetUnavailable, match="does not match its published MD5 checksum") as info:
+        load("cifar10", "test", root=tmp_path, download=False)
+    assert str(archive) in str(info.value) and "\n" not in str(info.value)
+    assert [p.name for p in (tmp_path / "cifar10").iterdir()] == [archive.name]
+
+
+def _member(name, kind=tarfile.REGTYPE, link=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, link
+    info.size = 6 if kind == tarfile.REGTYPE else 0
+    return info
+
+
+@pytest.mark.parametrize("crafted", [
+    _member("../escaped_by_tar.txt"),
+    _member("cifar-10-batches-py/../../../escaped_by_tar.txt"),
+    _member("ABSOLUTE/escaped_by_tar.txt"),
+    _member("cifar-10-batches-py/test_batch", tarfile.SYMTYPE, "../../escaped_by_tar.txt"),
+    _member("cifar-10-batches-py/inner_link", tarfile.SYMTYPE, "data_batch_1"),
+    _member("cifar-10-batches-py/test_batch", tarfile.LNKTYPE, "cifar-10-batches-py/data_batch_1"),
+    _member("cifar-10-batches-py/tty", tarfile.CHRTYPE),
+])
+def test_crafted_archive_writes_nothing(tmp_path, monkeypatch, crafted):
+    root = tmp_path / "data"
+    folder = root / "cifar10"
+    folder.mkdir(parents=True)
+    if crafted.name.startswith("ABSOLUTE"):
+        crafted.name = str(tmp_path / "escaped_by_tar.txt")
+    archive = folder / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.addfile(_member("cifar-10-batches-py/data_batch_1"), io.BytesIO(b"benign"))
+        tar.addfile(crafted, io.BytesIO(b"escape") if crafted.isfile() else None)
+    monkeypatch.setattr(tvd.CIFAR10, "tgz_md5", md5(archive))
+    with pytest.raises(DatasetUnavailable, match="not a plain file or folder inside") as info:
+        load("cifar10", "test", root=root, download=False)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cifar-10-python.tar.gz", "cifar10", "data"]
 
 
 def test_cifar100_reads_fine_labels(tmp_path, monkeypatch):
