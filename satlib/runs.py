@@ -1,37 +1,54 @@
-"""The run store: trained models keyed by their configuration, resumable and shared (DESIGN "Run store").
+"""The run store: trained models keyed by their configuration, resumable and shared (Chapter 1, "run store").
 
 ``RunStore().run(cfg)`` names a folder ``<root>/<cfg.run_id()>`` (root: ``SATLIB_RUNS`` or ``runs/``
 beside the package) that holds
 
 - ``config.json``: the full resolved configuration;
-- ``checkpoint.pt`` and ``checkpoint.prev.pt``: the latest and the previous training state, written
-  atomically (temp file + rename) and read with ``torch.load(weights_only=True)``; a latest file that
-  cannot be read falls back to the previous one with a warning, never to a pickle traceback;
-- ``model.pt`` and ``status.json`` once training finished; ``metrics.json``: one row per epoch;
-- ``snapshots/epoch_NNN.pt``: weights after chosen epochs; ``artifacts/``: cached analyses.
+- ``checkpoint.pt`` and ``checkpoint.prev.pt``: the latest and the previous training state (a dict
+  with at least ``epoch`` and the ``model`` weights), read with ``torch.load(weights_only=True)``; a
+  latest file that cannot be read falls back to the previous one with a warning, and a save never
+  turns an unreadable latest file into the previous one, so recovery keeps the good copy;
+- ``model.pt`` and ``status.json`` once training finished (an unreadable ``model.pt`` is rebuilt
+  from the final checkpoint, which holds the same weights); ``metrics.json``: one row per epoch;
+- ``snapshots/epoch_NNN.pt``: weights after chosen epochs; ``artifacts/``: cached analyses, which a
+  read-only store computes without keeping (with a warning).
 
-Storage only: this module never imports the trainer.
+Every file is written atomically (``storage.atomic_write_bytes``); temporary files of writes that a
+crash cut short are removed when the run is next locked. Exclusive training: ``Run.lock`` holds an
+OS lock on ``train.lock`` (``storage.ProcessLock``), which ends with its holder, so a killed trainer
+leaves no stale lock and ``RunStore.list`` shows its run as ``interrupted``; ``config.json`` and the
+rest appear with the first file training writes, so a run that fails before (a dataset that cannot
+be loaded, say) leaves no folder behind. Storage only: this module never imports the trainer.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import warnings
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
 
 from .config import Config, resolve
+from .errors import SatlibError
+from .storage import ProcessLock, StorageError, atomic_save, atomic_write_text, make_folder, serialised, staged
+
+__all__ = ["CheckpointError", "Run", "RunLocked", "RunStore", "StorageError", "atomic_save", "atomic_write_text",
+           "runs_root", "safe_load"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SatlibError, RuntimeError):
     """No readable checkpoint although one was written; the message says which files and what to do."""
 
 
-class RunLocked(RuntimeError):
-    """Another live process is training the same run."""
+class RunLocked(SatlibError, RuntimeError):
+    """Another live process is training the same run; the message says which process, where and since when."""
 
 
 def runs_root(root: str | os.PathLike | None = None) -> Path:
@@ -43,30 +60,41 @@ def runs_root(root: str | os.PathLike | None = None) -> Path:
     return Path(__file__).resolve().parents[1] / "runs"
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, flush to disk, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def safe_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` that turns any unreadable file into ``CheckpointError``."""
+    """``torch.load(weights_only=True)`` that turns any unreadable file into a one-sentence ``CheckpointError``."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, garbage bytes, pickle errors: all mean "unreadable"
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200] if str(err) else 'no detail'})") from err
+    except Exception as err:  # truncated zip, garbage bytes, refused pickles: all mean "unreadable"
+        raise CheckpointError(f"{path} cannot be read: {_load_problem(err)}") from None
+
+
+def _load_problem(err: Exception) -> str:
+    """Why ``torch.load`` failed, in a few words (torch's own text advises turning the safe loader off)."""
+    text = str(err)
+    refused = re.search(r"GLOBAL ([\w.]+)", text)
+    if refused:
+        return f"it holds Python objects ({refused.group(1)}) that a weights-only load refuses"
+    if isinstance(err, (pickle.UnpicklingError, EOFError)) or "PytorchStreamReader" in text:
+        return "it is damaged, cut short or not a torch file"
+    first = text.split("\n")[0].split(". ")[0][:160]
+    return f"{type(err).__name__}: {first}" if first and "weights_only" not in first else type(err).__name__
+
+
+def _weights(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """``obj`` if it is model weights (a dict of named tensors), else ``CheckpointError``."""
+    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in obj.items()):
+        return dict(obj)
+    raise CheckpointError(f"{path} does not hold model weights (a dict of named tensors)")
+
+
+def _training_state(path: Path) -> dict[str, Any]:
+    """The training state in ``path``, checked to have an epoch number and model weights."""
+    state = safe_load(path)
+    if not isinstance(state, Mapping) or type(state.get("epoch")) is not int or "model" not in state:
+        raise CheckpointError(f"{path} is not a training checkpoint (a dict with an epoch number and model weights)")
+    _weights(state["model"], path)
+    return dict(state)
 
 
 class Run:
@@ -75,7 +103,8 @@ class Run:
     def __init__(self, cfg: Config, root: Path):
         self.cfg = cfg
         self.id = cfg.run_id()
-        self.dir = root / self.id
+        self.dir = Path(root) / self.id
+        self._lock = ProcessLock(self.dir / "train.lock")
 
     # -- paths ------------------------------------------------------------------------------------
     @property
@@ -100,85 +129,115 @@ class Run:
     def finished(self) -> bool:
         return self.status.get("state") == "finished" and self.model_path.exists()
 
+    def state(self) -> str:
+        """``new``, ``running`` (a live process holds the lock), ``interrupted`` (its trainer died) or ``finished``."""
+        state = self.status.get("state", "new")
+        held = self._lock.held()
+        if held:
+            return "running"
+        return "interrupted" if state == "running" and held is False else state
+
     def _set_status(self, **status: Any) -> None:
         atomic_write_text(self.dir / "status.json", json.dumps(status, indent=1))
 
     def prepare(self) -> None:
         """Create the folder and record the configuration."""
-        (self.dir / "snapshots").mkdir(parents=True, exist_ok=True)
-        (self.dir / "artifacts").mkdir(exist_ok=True)
+        make_folder(self.dir / "snapshots")
+        make_folder(self.dir / "artifacts")
         atomic_write_text(self.dir / "config.json", json.dumps(self.cfg.as_dict(), indent=1))
+
+    def _folder(self) -> Path:
+        """The run's folder, created with its configuration by the first write."""
+        if not (self.dir / "config.json").exists():
+            self.prepare()
+        return self.dir
 
     # -- exclusive training -----------------------------------------------------------------------
     def lock(self) -> "Run":
-        """Claim the run for this process; a lock left by a dead process is taken over."""
-        self.prepare()
-        path = self.dir / "train.lock"
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
-                    raise RunLocked(f"run {self.id} is being trained by process {pid}; wait for it or stop it "
-                                    f"(lock file {path}).") from None
-                path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise RunLocked(f"could not take the lock {path} of run {self.id}.")
+        """Claim the run for this process, or raise ``RunLocked`` naming the live holder."""
+        if not self._lock.acquire():
+            raise RunLocked(f"run {self.id} is being trained by {self._lock.holder()}; wait for it to finish or "
+                            f"stop that process (lock file {self._lock.path}).")
+        for folder in (self.dir, self.dir / "snapshots"):       # only the lock holder writes here
+            for orphan in folder.glob(".*.tmp"):
+                orphan.unlink(missing_ok=True)
+        return self
 
     def unlock(self) -> None:
-        (self.dir / "train.lock").unlink(missing_ok=True)
+        """Give up the claim of ``lock`` (the operating system ends it too when this process dies); the folder
+        goes too if training wrote nothing into it (a dataset that could not be loaded, say)."""
+        self._lock.release()
+        with suppress(OSError):
+            self.dir.rmdir()
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Write ``state`` atomically, keeping the one it replaces as the previous checkpoint."""
-        tmp = self.dir / ".checkpoint.next.pt"
-        atomic_save(state, tmp)
-        if self.checkpoint_path.exists():
-            os.replace(self.checkpoint_path, self.previous_checkpoint_path)
-        os.replace(tmp, self.checkpoint_path)
+        """Write ``state`` atomically; the checkpoint it replaces becomes the previous one if it is readable."""
+        self._folder()
+        latest, previous = self.checkpoint_path, self.previous_checkpoint_path
+        with staged(latest, serialised(state)) as tmp:
+            if latest.exists():
+                try:
+                    _training_state(latest)
+                    os.replace(latest, previous)
+                except CheckpointError as err:
+                    warnings.warn(f"{err}; it is overwritten, and {previous.name} stays the previous checkpoint.",
+                                  stacklevel=2)
+            os.replace(tmp, latest)
         self._set_status(state="running", epoch=state.get("epoch"))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The latest readable training state, or ``None`` if training never saved one."""
-        candidates = [p for p in (self.checkpoint_path, self.previous_checkpoint_path) if p.exists()]
         errors = []
-        for path in candidates:
+        for path in (self.checkpoint_path, self.previous_checkpoint_path):
+            if not path.exists():
+                continue
             try:
-                state = safe_load(path)
+                state = _training_state(path)
             except CheckpointError as err:
                 errors.append(str(err))
                 continue
             if errors:
                 warnings.warn(f"{errors[0]}; resuming from the previous checkpoint {path.name} "
-                              f"(epoch {state.get('epoch')}).", stacklevel=2)
+                              f"(epoch {state['epoch']}).", stacklevel=2)
             return state
         if errors:
-            raise CheckpointError(f"run {self.id} has no readable checkpoint: {'; '.join(errors)}. Delete the folder "
+            raise CheckpointError(f"run {self.id} has no readable checkpoint: {'; '.join(errors)}; delete the folder "
                                   f"{self.dir} to train it again from scratch.")
         return None
 
     def finish(self, model_state: dict[str, torch.Tensor], metrics: list[dict[str, Any]]) -> None:
         """Store the final weights and mark the run finished."""
+        self._folder()
         atomic_save(model_state, self.model_path)
         self.write_metrics(metrics)
         self._set_status(state="finished", epoch=self.cfg.epochs)
 
     def load_model_state(self) -> dict[str, torch.Tensor]:
+        """The final weights; an unreadable ``model.pt`` is rebuilt from the final checkpoint, with a warning."""
         if not self.finished:
             raise CheckpointError(f"run {self.id} has not finished training ({self.status}); train it first "
                                   f"with `python -m satlib train` or satlib.experiments.load_or_train.")
-        return safe_load(self.model_path)
+        try:
+            return _weights(safe_load(self.model_path), self.model_path)
+        except CheckpointError as err:
+            problem = str(err)
+        state = self.load_checkpoint()
+        if state is None or state["epoch"] != self.cfg.epochs:
+            with suppress(SatlibError, OSError):    # reopen the run, so that training it again resumes it
+                self._set_status(state="running", epoch=state["epoch"] if state else 0)
+                self.model_path.unlink()
+            last = (f"its last readable checkpoint is from epoch {state['epoch']} of {self.cfg.epochs}" if state
+                    else "it has no checkpoint")
+            raise CheckpointError(f"{problem}, and {last}; train run {self.id} again to redo the missing epochs.")
+        warnings.warn(f"{problem}; it is rebuilt from the final checkpoint (epoch {state['epoch']}), which holds the "
+                      f"same weights.", stacklevel=2)
+        self._cache(self.model_path, lambda path: atomic_save(state["model"], path))
+        return state["model"]
 
     # -- metrics and snapshots --------------------------------------------------------------------
     def write_metrics(self, metrics: list[dict[str, Any]]) -> None:
-        atomic_write_text(self.dir / "metrics.json", json.dumps(metrics, indent=1))
+        atomic_write_text(self._folder() / "metrics.json", json.dumps(metrics, indent=1))
 
     def metrics(self) -> pd.DataFrame:
         """Per-epoch training metrics (loss terms, clean and PGD accuracy on the monitor subset)."""
@@ -189,6 +248,7 @@ class Run:
         return self.dir / "snapshots" / f"epoch_{epoch:03d}.pt"
 
     def save_snapshot(self, epoch: int, model_state: dict[str, torch.Tensor]) -> None:
+        self._folder()
         atomic_save(model_state, self.snapshot_path(epoch))
 
     def snapshot_epochs(self) -> list[int]:
@@ -199,17 +259,29 @@ class Run:
         if not path.exists():
             raise CheckpointError(f"run {self.id} kept no weights after epoch {epoch}; it kept epochs "
                                   f"{self.snapshot_epochs()} (the config knob snapshot_epochs chooses them).")
-        return safe_load(path)
+        return _weights(safe_load(path), path)
 
     # -- cached analyses --------------------------------------------------------------------------
-    def cached_frame(self, name: str, compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
-        """A DataFrame computed once and kept as ``artifacts/<name>.csv`` (Chapters reuse evaluations)."""
+    def cached_frame(self, name: str, compute: Callable[[], pd.DataFrame],
+                     columns: Sequence[str] = ()) -> pd.DataFrame:
+        """A DataFrame computed once and kept as ``artifacts/<name>.csv`` (Chapters reuse evaluations).
+
+        ``columns`` names the columns a cached copy must have: one that cannot be read or lacks one of
+        them is computed again, with a warning.
+        """
         path = self.dir / "artifacts" / f"{name}.csv"
         if path.exists():
-            return pd.read_csv(path)
+            try:
+                frame = pd.read_csv(path)
+                missing = [c for c in columns if c not in frame.columns]
+                if not missing:
+                    return frame
+                problem = f"lacks the column(s) {', '.join(missing)}"
+            except (ValueError, OSError) as err:      # bad bytes, an empty file, broken rows
+                problem = f"cannot be read ({type(err).__name__})"
+            warnings.warn(f"the cached {path} {problem}; computing it again.", stacklevel=2)
         frame = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, frame.to_csv(index=False))
+        self._cache(path, lambda p: atomic_write_text(p, frame.to_csv(index=False)))
         return frame
 
     def cached_tensors(self, name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -221,9 +293,17 @@ class Run:
             except CheckpointError as err:
                 warnings.warn(f"{err}; computing it again.", stacklevel=2)
         value = compute()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(value, path)
+        self._cache(path, lambda p: atomic_save(value, p))
         return value
+
+    def _cache(self, path: Path, write: Callable[[Path], None]) -> None:
+        """Keep a result that can be computed again; a store that cannot take it only earns a warning."""
+        try:
+            self._folder()
+            make_folder(path.parent)
+            write(path)
+        except StorageError as err:
+            warnings.warn(f"{path.name} is used but not kept: {err}", stacklevel=3)
 
 
 class RunStore:
@@ -231,12 +311,16 @@ class RunStore:
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = runs_root(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise StorageError(f"the run store {self.root} is a file, not a folder; set SATLIB_RUNS (or the root "
+                               f"argument) to a folder.")
 
     def run(self, cfg: Config) -> Run:
         return Run(cfg, self.root)
 
     def list(self) -> pd.DataFrame:
-        """One row per run: id, method, dataset, model, seed, epochs, state, last epoch, final accuracies."""
+        """One row per run: id, method, the knobs that set it apart, dataset, model, seed, epochs, state, last
+        epoch and final accuracies (``state`` is ``interrupted`` for a run whose trainer died)."""
         rows = []
         for cfg_path in sorted(self.root.glob("*/config.json")):
             try:
@@ -247,19 +331,24 @@ class RunStore:
             run = Run(cfg, self.root)
             metrics = run.metrics()
             last = metrics.iloc[-1].to_dict() if len(metrics) else {}
-            rows.append({"run": run.id, "method": cfg.method, "dataset": cfg.dataset, "model": cfg.model,
-                         "seed": cfg.seed, "epochs": cfg.epochs, "state": run.status.get("state"),
+            rows.append({"run": run.id, "method": cfg.method, "knobs": _distinct_knobs(cfg), "dataset": cfg.dataset,
+                         "model": cfg.model, "seed": cfg.seed, "epochs": cfg.epochs, "state": run.state(),
                          "epoch": run.status.get("epoch"), "clean_acc": last.get("test_clean_acc"),
                          "pgd_acc": last.get("test_pgd_acc")})
-        return pd.DataFrame(rows, columns=["run", "method", "dataset", "model", "seed", "epochs", "state", "epoch",
-                                           "clean_acc", "pgd_acc"])
+        return pd.DataFrame(rows, columns=["run", "method", "knobs", "dataset", "model", "seed", "epochs", "state",
+                                           "epoch", "clean_acc", "pgd_acc"])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _distinct_knobs(cfg: Config) -> str:
+    """The training knobs in which ``cfg`` departs from its preset, e.g. ``lr=0.01 width=4`` (method, dataset,
+    model, seed and epochs have columns of their own)."""
+    default = resolve(cfg.preset, method=cfg.method).training_key()
+    own = {"method", "dataset", "model", "seed", "epochs"}
+    return " ".join(f"{knob}={_compact(value)}" for knob, value in cfg.training_key().items()
+                    if knob not in own and default.get(knob) != value)
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(map(_compact, value)) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
