@@ -5,9 +5,14 @@ import argparse
 import ast
 import os
 import sys
+import warnings
+
+import torch
 
 from .attacks import ATTACKS
-from .config import METHODS, PRESETS, ConfigError, resolve
+from .config import METHODS, PRESETS, Config, ConfigError, resolve
+from .errors import SatlibError
+from .runs import RunStore, runs_root
 
 EXAMPLES = """examples:
   python -m satlib train --preset quick --method pgd-at            # a few minutes on a laptop CPU
@@ -30,6 +35,23 @@ def _override(text: str) -> tuple[str, object]:
         return name.strip(), value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit status 2), like every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help).\n")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quick", help=f"starting configuration: {', '.join(PRESETS)} (default quick: "
                    "the bundled digits on the CPU)")
@@ -42,19 +64,33 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="any other configuration knob, e.g. --set batch_size=256 --set sat_lambda=0.05")
 
 
-def _config(args: argparse.Namespace):
+def _config(args: argparse.Namespace) -> Config:
     knobs = dict(args.overrides)
     for name in ("method", "epochs", "seed", "eps", "device"):
         if getattr(args, name) is not None:
             knobs[name] = getattr(args, name)
-    return resolve(args.preset, **knobs)
+    cfg = resolve(args.preset, **knobs)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but this machine has no usable CUDA device; use --device auto "
+                          "or --device cpu.")
+    return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def _attacks(text: str) -> list[str]:
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in names if a.lower() not in (*ATTACKS, "lafeat")]
+    if unknown or not names:
+        problem = f"unknown attack(s) {unknown}" if unknown else f"--attacks {text!r} names no attack"
+        raise ConfigError(f"{problem}; choose from {', '.join(ATTACKS)}, lafeat.")
+    return names
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
         prog="python -m satlib", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
         description="Train and evaluate the models of satbook. Runs are stored under runs/ (or $SATLIB_RUNS), "
-                    "keyed by their configuration: training an existing run loads it, an interrupted one resumes.")
+                    "keyed by their configuration: training an existing run loads it, an interrupted one resumes. "
+                    "Errors are one line on stderr and exit status 2.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,runs}")
     p_train = sub.add_parser("train", help="train a model (or resume / reuse its stored run)",
                              description="Train one model into the run store, resuming it if it was interrupted.")
@@ -64,42 +100,67 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_options(p_eval)
     p_eval.add_argument("--attacks", default=",".join(ATTACKS),
                         help=f"comma-separated attacks among {', '.join(ATTACKS)}, lafeat (default: all but lafeat)")
-    p_eval.add_argument("--steps", type=int,
+    p_eval.add_argument("--steps", type=_positive,
                         help="iterations of BIM, PGD, CW and each LAFEAT restart (default: the preset's eval_steps)")
-    p_eval.add_argument("--restarts", type=int, default=1, help="random restarts of PGD and CW (default 1)")
-    p_eval.add_argument("--n", type=int, help="evaluate on the first N test samples (default: all)")
-    sub.add_parser("runs", help="list the runs in the store", description="List the runs in the run store.")
-    args = parser.parse_args(argv)
+    p_eval.add_argument("--restarts", type=_positive, default=1, help="random restarts of PGD and CW (default 1)")
+    p_eval.add_argument("--n", type=_positive, help="evaluate on the first N >= 1 test samples (default: the "
+                        "eval_size knob, whose 0 means all of them)")
+    sub.add_parser("runs", help="list the runs in the store",
+                   description="List the runs in the run store: their state (running, interrupted, finished), the "
+                               "knobs that set each apart from its preset, and their last accuracies.")
+    return parser
 
-    from .data import DatasetUnavailable
-    from .runs import CheckpointError, RunLocked, RunStore
-    from .training import TrainingDiverged
-    try:
-        if args.command == "runs":
-            table = RunStore().list()
-            print(table.to_string(index=False) if len(table) else f"no runs under {RunStore().root}")
-            return 0
-        cfg = _config(args)
-        if args.command == "evaluate":
-            attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-            unknown = [a for a in attacks if a.lower() not in (*ATTACKS, "lafeat")]
-            if unknown:
-                raise ConfigError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACKS)}, lafeat.")
-        from .experiments import evaluate_run, load_or_train
-        trained = load_or_train(cfg)
-        if os.environ.get("RANK", "0") != "0":        # under torchrun only rank 0 reports
-            return 0
-        if args.command == "train":
-            print(trained.run.metrics().tail(1).to_string(index=False))
-            print(f"run {trained.run.id} stored in {trained.run.dir}")
-            return 0
-        table = evaluate_run(trained, attacks, n=args.n, steps=args.steps, restarts=args.restarts, progress=True)
-        print(f"run {trained.run.id} ({cfg.method}, eps={cfg.eps:.4g})")
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        return 0
-    except (ConfigError, DatasetUnavailable, CheckpointError, RunLocked, TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            return _run(args)
+        except SatlibError as err:
+            print(f"error: {err}", file=sys.stderr)
+        except RuntimeError as err:                 # weights of another architecture in the run's files
+            if "state_dict" not in str(err):
+                raise
+            text = str(err).lower()
+            kinds = ", ".join(k for k in ("missing key(s)", "unexpected key(s)", "size mismatch") if k in text)
+            cfg = _config(args)
+            print(f"error: the weights stored for run {cfg.run_id()} in {runs_root() / cfg.run_id()} do not fit "
+                  f"its {cfg.model} model ({kinds or 'state_dict mismatch'}); move that folder away to train the run "
+                  f"again.", file=sys.stderr)
+        except OSError as err:
+            print(f"error: {err}.", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("error: interrupted; run the same command again to resume from the last checkpoint.",
+                  file=sys.stderr)
+            return 130
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "runs":
+        store = RunStore()
+        table = store.list()
+        print(table.to_string(index=False) if len(table) else f"no runs under {store.root}")
+        return 0
+    cfg = _config(args)
+    attacks = _attacks(args.attacks) if args.command == "evaluate" else []
+    from .experiments import evaluate_run, load_or_train
+    trained = load_or_train(cfg)
+    if os.environ.get("RANK", "0") != "0":        # under torchrun only rank 0 reports
+        return 0
+    if args.command == "train":
+        print(trained.run.metrics().tail(1).to_string(index=False))
+        print(f"run {trained.run.id} stored in {trained.run.dir}")
+        return 0
+    table = evaluate_run(trained, attacks, n=args.n, steps=args.steps, restarts=args.restarts, progress=True)
+    print(f"run {trained.run.id} ({cfg.method}, eps={cfg.eps:.4g})")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
 
 
 if __name__ == "__main__":
