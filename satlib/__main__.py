@@ -10,7 +10,8 @@ import warnings
 import torch
 
 from .attacks import ATTACKS
-from .config import METHODS, PRESETS, Config, ConfigError, resolve
+from .catalog import METHODS
+from .config import PRESETS, Config, ConfigError, resolve
 from .errors import SatlibError
 from .runs import RunStore, runs_root
 

@@ -10,6 +10,7 @@ beside the package) that holds
   turns an unreadable latest file into the previous one, so recovery keeps the good copy;
 - ``model.pt`` and ``status.json`` once training finished (an unreadable ``model.pt`` is rebuilt
   from the final checkpoint, which holds the same weights); ``metrics.json``: one row per epoch;
+  ``best.pt``: the weights of the epoch with the best validation accuracy (its number in the status);
 - ``snapshots/epoch_NNN.pt``: weights after chosen epochs; ``artifacts/``: cached analyses, which a
   read-only store computes without keeping (with a warning).
 
@@ -119,6 +120,10 @@ class Run:
     def model_path(self) -> Path:
         return self.dir / "model.pt"
 
+    @property
+    def best_path(self) -> Path:
+        return self.dir / "best.pt"
+
     # -- status -----------------------------------------------------------------------------------
     @property
     def status(self) -> dict[str, Any]:
@@ -137,8 +142,8 @@ class Run:
             return "running"
         return "interrupted" if state == "running" and held is False else state
 
-    def _set_status(self, **status: Any) -> None:
-        atomic_write_text(self.dir / "status.json", json.dumps(status, indent=1))
+    def _set_status(self, **changes: Any) -> None:
+        atomic_write_text(self.dir / "status.json", json.dumps({**self.status, **changes}, indent=1))
 
     def prepare(self) -> None:
         """Create the folder and record the configuration."""
@@ -213,11 +218,25 @@ class Run:
         self.write_metrics(metrics)
         self._set_status(state="finished", epoch=self.cfg.epochs)
 
-    def load_model_state(self) -> dict[str, torch.Tensor]:
-        """The final weights; an unreadable ``model.pt`` is rebuilt from the final checkpoint, with a warning."""
+    def save_best(self, model_state: dict[str, torch.Tensor], epoch: int) -> None:
+        """Keep the weights of the epoch with the best validation accuracy so far (Chapter 5, "Robust overfitting")."""
+        self._folder()
+        atomic_save(model_state, self.best_path)
+        self._set_status(best_epoch=epoch)
+
+    def load_model_state(self, weights: str = "last") -> dict[str, torch.Tensor]:
+        """The final weights (``"last"``), or the best epoch's (``"best"``); an unreadable ``model.pt`` is rebuilt
+        from the final checkpoint, with a warning."""
+        if weights not in ("last", "best"):
+            raise ValueError(f"weights must be 'last' or 'best', got {weights!r}")
         if not self.finished:
             raise CheckpointError(f"run {self.id} has not finished training ({self.status}); train it first "
                                   f"with `python -m satlib train` or satlib.experiments.load_or_train.")
+        if weights == "best":
+            if not self.best_path.exists():
+                raise CheckpointError(f"run {self.id} kept no best weights: no epoch was scored on validation "
+                                      f"images (val_size={self.cfg.val_size}); use its last weights.")
+            return _weights(safe_load(self.best_path), self.best_path)
         try:
             return _weights(safe_load(self.model_path), self.model_path)
         except CheckpointError as err:

@@ -15,7 +15,7 @@ from satlib.config import resolve
 from satlib.runs import RunStore, StorageError, safe_load
 from satlib.training import train
 
-TINY = dict(width=4, train_limit=128, batch_size=64, attack_steps=1, monitor_size=32, monitor_steps=1,
+TINY = dict(width=4, train_limit=160, val_size=32, batch_size=64, attack_steps=1, monitor_steps=1,
             snapshot_epochs=())
 CLI_TINY = [arg for knob, value in TINY.items() if knob != "snapshot_epochs"
             for arg in ("--set", f"{knob}={value}")] + ["--set", "snapshot_epochs=()", "--epochs", "2"]

@@ -118,6 +118,18 @@ def test_unreadable_model_without_a_final_checkpoint_reopens_the_run(run):
     assert not run.finished and run.status == {"state": "running", "epoch": 2}
 
 
+def test_best_weights_are_kept_with_their_epoch(run):
+    run.save_best(state(2)["model"], 2)
+    run.save_checkpoint(state(3))
+    run.finish(state(3)["model"], [])
+    assert run.status == {"state": "finished", "epoch": 3, "best_epoch": 2}
+    assert torch.equal(run.load_model_state("best")["w"], state(2)["model"]["w"])
+    assert torch.equal(run.load_model_state()["w"], state(3)["model"]["w"])
+    run.best_path.unlink()
+    with pytest.raises(CheckpointError, match="kept no best weights"):
+        run.load_model_state("best")
+
+
 def test_unfinished_run_has_no_model(run):
     with pytest.raises(CheckpointError, match="has not finished"):
         run.load_model_state()
