@@ -174,7 +174,7 @@ def clustering_callback(train: ArrayDataset, *, epochs: Sequence[int] | None = N
     """A trainer callback (``train(cfg, callbacks=[...])``) recording clustering accuracy during training.
 
     After each of ``epochs`` (default: every epoch) it computes centroids on ``train`` and clustering
-    accuracy on ``test`` (default: the trainer's monitor subset) and returns them as extra per-epoch
+    accuracy on ``test`` (default: the trainer's validation images) and returns them as extra per-epoch
     metrics named ``clu_acc/<layer>/<norm>``, stored in the run's ``metrics.json``. The callback only
     reads ``epoch``, ``model`` and ``test`` from what the trainer passes (``satlib.training.EpochEnd``).
     """
@@ -183,7 +183,7 @@ def clustering_callback(train: ArrayDataset, *, epochs: Sequence[int] | None = N
     def callback(end) -> dict[str, float] | None:
         if chosen is not None and end.epoch not in chosen:
             return None
-        frame = clustering_report(end.model, train, end.test if test is None else test, layers, attack=attack,
+        frame = clustering_report(end.model, train, end.val if test is None else test, layers, attack=attack,
                                   norms=norms, batch_size=batch_size)
         return {f"clu_acc/{r.layer}/{r.norm}": float(r.clu_acc) for r in frame.itertuples()}
 

@@ -117,7 +117,7 @@ def evaluate(model: nn.Module, data: ArrayDataset, attacks: Mapping[str, Attack]
             column = compute()
         else:
             key = hashlib.sha256(repr((repr(attack), data.name, len(data), seed, tag)).encode()).hexdigest()[:12]
-            column = cache.cached_frame(f"correct-{key}", compute)
+            column = cache.cached_frame(f"correct-{key}", compute, columns=("correct", "seconds"))
         columns[name] = column["correct"].to_numpy(dtype=bool)
         seconds[name] = float(column["seconds"].iloc[0]) if len(column) else 0.0
         if progress:

@@ -176,7 +176,7 @@ def test_centroid_memory_stays_flat_as_the_dataset_grows():
                                rtol=1e-5, atol=1e-6)
 
 
-TINY = dict(width=4, epochs=3, train_limit=256, batch_size=64, attack_steps=2, monitor_size=64, monitor_steps=2,
+TINY = dict(width=4, epochs=3, train_limit=256, batch_size=64, attack_steps=2, val_size=64, monitor_steps=2,
             snapshot_epochs=[1, 2])
 LAYERS = ["layer1.0.conv1", "layer4.1.conv2"]
 
@@ -196,7 +196,7 @@ def test_clustering_callback_records_metrics_while_training(tiny_run):
     metrics = trained.run.metrics()
     column = f"clu_acc/{LAYERS[1]}/l2"
     assert metrics[column].isna().tolist() == [True, False, True]
-    monitor = load("digits", "test").subset(trained.cfg.monitor_size)
+    monitor = trained.val_set()
     expected = clustering_report(trained.snapshot(2), data, monitor, LAYERS[1:]).clu_acc.iloc[0]
     assert metrics[column].iloc[1] == pytest.approx(expected)
 

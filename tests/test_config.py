@@ -46,7 +46,7 @@ def test_bad_knobs_fail_with_one_sentence(kwargs, fragment):
 def test_run_id_depends_only_on_what_changes_the_weights():
     base = resolve("quick")
     assert base.run_id() == resolve("quick").run_id()
-    assert base.run_id() == resolve("quick", device="cpu", monitor_size=10, eval_steps=7, snapshot_epochs=[2]).run_id()
+    assert base.run_id() == resolve("quick", device="cpu", monitor_steps=3, eval_steps=7, snapshot_epochs=[2]).run_id()
     assert base.run_id() == resolve("quick", sat_beta=0.5).run_id()          # pgd-at does not use it
     assert base.run_id() != resolve("quick", seed=1).run_id()
     assert base.run_id() != resolve("quick", eps=0.1).run_id()

@@ -383,7 +383,7 @@ def test_batches_cover_every_sample_once():
 def test_batches_reproducible_with_seed():
     ds = _indexed()
 
-    def epoch(seed, augment=None):
+    def epoch(seed, augment="none"):
         g = torch.Generator().manual_seed(seed)
         return list(batches(ds, 32, shuffle=True, generator=g, augment=augment))
 

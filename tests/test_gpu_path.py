@@ -94,7 +94,7 @@ def test_an_untraceable_model_is_attacked_unfolded():
     assert torch.isfinite(loss)
 
 
-TINY = dict(width=4, epochs=3, train_limit=200, batch_size=64, attack_steps=2, monitor_size=64, monitor_steps=2,
+TINY = dict(width=4, epochs=3, train_limit=200, batch_size=64, attack_steps=2, val_size=64, monitor_steps=2,
             lr_decay_at=(0.34,))
 
 
@@ -175,7 +175,7 @@ def test_graphed_training_is_as_good_as_eager_on_cuda(tmp_path):
     for graphs in ("on", "off"):
         cfg = resolve("quick", epochs=8, cuda_graphs=graphs, device="cuda")
         last = train(cfg, store=RunStore(tmp_path / graphs), progress=False).metrics().iloc[-1]
-        accuracy[graphs] = (last["test_clean_acc"], last["test_pgd_acc"])
+        accuracy[graphs] = (last["val_clean_acc"], last["val_pgd_acc"])
     (clean_g, pgd_g), (clean_e, pgd_e) = accuracy["on"], accuracy["off"]
     assert abs(clean_g - clean_e) <= 0.05 and abs(pgd_g - pgd_e) <= 0.08, accuracy
 

@@ -30,7 +30,7 @@ def heads(trained_digits_model, train_set):
 @pytest.fixture(scope="module")
 def at_run(tmp_path_factory):
     """A small PGD-AT run (narrow ResNet-18, 6 epochs of 3-step PGD) in a private run store."""
-    cfg = resolve("quick", width=8, epochs=6, attack_steps=3, step_size=0.1, monitor_size=64, monitor_steps=2,
+    cfg = resolve("quick", width=8, epochs=6, attack_steps=3, step_size=0.1, val_size=64, monitor_steps=2,
                   snapshot_epochs=(), eval_steps=10)
     torch.manual_seed(0)
     return load_or_train(cfg, store=RunStore(tmp_path_factory.mktemp("runs")), progress=False)

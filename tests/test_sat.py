@@ -368,7 +368,7 @@ def test_evaluate_many_in_two_processes_equals_seeded_evaluation_in_this_one(tmp
     from satlib.runs import RunStore
 
     store = RunStore(tmp_path)
-    small = dict(width=4, epochs=1, train_limit=128, monitor_size=32, monitor_steps=1, eval_size=32, attack_steps=1)
+    small = dict(width=4, epochs=1, train_limit=128, val_size=32, monitor_steps=1, eval_size=32, attack_steps=1)
     cfgs = [resolve("quick", method="pgd-at", seed=s, **small) for s in (0, 1)]
     runs = load_or_train_many(cfgs, store=store, progress=False)
     frames = evaluate_many(runs, [["fgsm", "pgd"], ["pgd"]], steps=3, workers=2, progress=False)

@@ -9,12 +9,13 @@ import time
 import pytest
 import torch
 
-from satlib.config import METHODS, resolve
+from satlib.catalog import METHODS
+from satlib.config import resolve
 from satlib.runs import RunStore, safe_load
 from satlib.training import TrainingDiverged, train
 from satlib.training import methods as methods_module
 
-TINY = dict(width=4, epochs=3, train_limit=192, batch_size=64, attack_steps=2, monitor_size=64, monitor_steps=2,
+TINY = dict(width=4, epochs=3, train_limit=192, batch_size=64, attack_steps=2, val_size=64, monitor_steps=2,
             snapshot_epochs=[1, 3])
 
 
@@ -32,7 +33,7 @@ def test_every_method_trains_and_is_stored(tmp_path, method):
 
 
 CLI_TINY = ["--set", "width=8", "--set", "train_limit=512", "--set", "batch_size=64", "--set", "attack_steps=3",
-            "--set", "monitor_size=64", "--set", "monitor_steps=2", "--epochs", "8"]
+            "--set", "val_size=64", "--set", "monitor_steps=2", "--epochs", "8"]
 
 
 def _train_cli(store, *extra):
@@ -99,7 +100,7 @@ def test_cli_train_evaluate_and_list(tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "satlib", *args], env=env, capture_output=True, text=True,
                               timeout=600)
-    small = ["--set", "width=4", "--set", "train_limit=128", "--set", "monitor_size=32", "--epochs", "1"]
+    small = ["--set", "width=4", "--set", "train_limit=128", "--set", "val_size=32", "--epochs", "1"]
     out = cli("train", *small)
     assert out.returncode == 0, out.stderr
     out = cli("evaluate", *small, "--attacks", "fgsm,pgd", "--steps", "3", "--n", "40")

@@ -225,7 +225,7 @@ def _train(cfg: Config, run: Run, job: Distributed, progress: bool, callbacks: S
             correct = torch.zeros((), device=device)
             seen = torch.zeros((), device=device)
             for x, y in batches(train_data, per_rank_batch, shuffle=True, generator=shuffle,
-                                augment=None if cfg.augment == "none" else cfg.augment,
+                                augment=cfg.augment,
                                 rank=job.rank, world_size=job.world_size):
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
