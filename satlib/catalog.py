@@ -39,7 +39,8 @@ class Method:
 
     ``inner``: the objective the training attack maximises ("ce", "kl", or None for no attack);
     ``outer``: the outer loss ("ce", "trades", "mart"); ``start``: the attack's random start;
-    ``sat``: Eq. 7's shift term inside and Eq. 10's L_Cluster outside; ``awp``: adversarial weight
+    ``sat``: Eq. 7's shift term inside and Eq. 10's L_Cluster outside (``relative_shift``: the shift term
+    weighed relative to the base objective, ``FeatureShiftObjective``); ``awp``: adversarial weight
     perturbation around the step; ``knobs``: the configuration knobs of its weights, the only ones
     (besides the shared ones) that key its runs in the store.
     """
@@ -48,6 +49,7 @@ class Method:
     outer: str
     start: str
     sat: bool = False
+    relative_shift: bool = False
     awp: bool = False
     knobs: tuple[str, ...] = ()
 
@@ -62,9 +64,10 @@ METHODS: dict[str, Method] = {
     "mart": Method("ce", "mart", "uniform", knobs=("mart_beta",)),
     "awp-at": Method("ce", "ce", "uniform", awp=True, knobs=_AWP_KNOBS),
     "sat": Method("ce", "ce", "uniform", sat=True, knobs=_SAT_KNOBS),
-    # a uniform start, not TRADES' 0.001 N(0, 1): at r = 0 the KL has no gradient and the shift term
+    # the shift term relative to the KL: at r = 0 the KL has no gradient and an absolute shift term
     # alone would steer the attack back to x (Chapter 5, "SAT-TRADES' training attack")
-    "sat-trades": Method("kl", "trades", "uniform", sat=True, knobs=("trades_beta", *_SAT_KNOBS)),
+    "sat-trades": Method("kl", "trades", "normal", sat=True, relative_shift=True,
+                         knobs=("trades_beta", *_SAT_KNOBS)),
     "sat-awp-at": Method("ce", "ce", "uniform", sat=True, awp=True, knobs=(*_SAT_KNOBS, *_AWP_KNOBS)),
 }
 

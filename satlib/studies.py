@@ -62,9 +62,12 @@ def grid_configs(base: Config, method: str, fixed: dict) -> list[Config]:
             for lr in LEARNING_RATES for v in values]
 
 
-def tuning(preset: str = "quick", *, seed: int = 0, methods: Sequence[str] = tuple(GRID)) -> pd.DataFrame:
-    """Run the protocol of the module docstring; one row per grid point, the chosen ones flagged."""
-    base = resolve(preset, seed=seed)
+def tuning(preset: str = "quick", *, seed: int = 0, methods: Sequence[str] = tuple(GRID), **overrides) -> pd.DataFrame:
+    """Run the protocol of the module docstring; one row per grid point, the chosen ones flagged.
+
+    ``overrides`` change the base configuration of every point (for a smaller smoke run).
+    """
+    base = resolve(preset, seed=seed, **overrides)
     rows, chosen = [], {}
 
     def run_grid(method: str, fixed: dict) -> None:
@@ -90,10 +93,13 @@ def tuning(preset: str = "quick", *, seed: int = 0, methods: Sequence[str] = tup
     return pd.DataFrame(rows)
 
 
-def long_training(preset: str = "quick", *, epochs: int = 200, seeds: Sequence[int] = (0, 1, 2),
-                  methods: Sequence[str] = ("pgd-at", "sat")) -> pd.DataFrame:
-    """Per method, seed and weights (last, best): clean, PGD, CW-inf, LAFEAT and worst-case test accuracy."""
-    cfgs = [resolve(preset, method=m, seed=s, epochs=epochs) for m in methods for s in seeds]
+def long_training(preset: str = "quick", *, seeds: Sequence[int] = (0, 1, 2),
+                  methods: Sequence[str] = ("pgd-at", "sat"), **overrides) -> pd.DataFrame:
+    """Per method, seed and weights (last, best): clean, PGD, CW-inf, LAFEAT and worst-case test accuracy.
+
+    ``overrides`` (``epochs=200`` for the study) change every run's configuration.
+    """
+    cfgs = [resolve(preset, method=m, seed=s, **overrides) for m in methods for s in seeds]
     last = load_or_train_many(cfgs, progress=False)
     best = [load_or_train(c, weights="best", progress=False) for c in cfgs]
     frames = evaluate_many([*last, *best], list(LONG_ATTACKS))
@@ -101,7 +107,7 @@ def long_training(preset: str = "quick", *, epochs: int = 200, seeds: Sequence[i
     for trained, frame in zip([*last, *best], frames):
         acc = frame.set_index("attack")["accuracy"]
         rows.append({"method": trained.cfg.method, "seed": trained.cfg.seed, "weights": trained.weights,
-                     "epochs": epochs, "best_epoch": trained.run.status.get("best_epoch"), **acc.to_dict()})
+                     "epochs": trained.cfg.epochs, "best_epoch": trained.run.status.get("best_epoch"), **acc.to_dict()})
     return pd.DataFrame(rows)
 
 

@@ -119,7 +119,7 @@ def build_step(cfg: Config, model: nn.Module, num_classes: int, *, amp: bool = F
     if method.inner is not None:
         inner = _INNER[method.inner]()
         if method.sat:
-            inner = FeatureShiftObjective(inner, layers, cfg.sat_lambda)
+            inner = FeatureShiftObjective(inner, layers, cfg.sat_lambda, relative=method.relative_shift)
         attack = PGD(cfg.eps, steps=cfg.attack_steps, step_size=cfg.step_size, start=method.start,
                      objective=inner, amp=amp)
     awp = AWP(cfg.awp_gamma) if method.awp else None

@@ -40,12 +40,18 @@ class FeatureShiftObjective(Objective):
     """``base - Lambda * feature_shift`` with Lambda ~ U(0, ``lam``) redrawn at each call (one attack step).
 
     ``random=False`` keeps Lambda = ``lam`` fixed: Eq. 7 itself, as the lambda search of Sec. 6.1 uses it.
+    ``relative=True`` (SAT-TRADES) weighs each sample's shift term by its base value over its shift,
+    both held constant in the gradient: Lambda becomes a fraction of the base objective. TRADES' KL
+    starts at 0 with no gradient, so an absolute shift term would steer the attack back to x and leave
+    a training attack far weaker than TRADES' own (Chapter 5, "SAT-TRADES' training attack").
     """
 
-    def __init__(self, base: Objective, layers: list[str], lam: float, *, random: bool = True):
+    def __init__(self, base: Objective, layers: list[str], lam: float, *, random: bool = True,
+                 relative: bool = False):
         if not layers:
             raise ValueError("FeatureShiftObjective needs at least one layer")
         self.base, self.layers, self.lam, self.random = base, list(layers), float(lam), bool(random)
+        self.relative = bool(relative)
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         with torch.no_grad(), FeatureTap(model, self.layers) as tap:
@@ -60,4 +66,7 @@ class FeatureShiftObjective(Objective):
         with FeatureTap(model, self.layers) as tap:
             value = self.base(model, x_adv, y, base_ctx)
         lam = torch.rand((), device=x_adv.device) * self.lam if self.random else self.lam
-        return value - lam * feature_shift(tap.features, clean, self.layers)
+        shift = feature_shift(tap.features, clean, self.layers)
+        if self.relative:     # Lambda as a fraction of each sample's base value (the ratio is a constant)
+            shift = shift * (value.detach() / shift.detach().clamp_min(1e-12))
+        return value - lam * shift
