@@ -19,11 +19,11 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .attacks import Attack, attack_mode
 from .data import ArrayDataset, batches
 from .models import FeatureTap, conv_layers
+from .progress import bar
 
 NORMS = {"l1": 1.0, "l2": 2.0, "linf": float("inf")}
 
@@ -146,7 +146,7 @@ def clustering_by_epoch(trained, epochs: Sequence[int] | None = None, *, layers:
     centroid_key = _key(layers, len(train))
     frame_key = _key(layers, norms, repr(attack), name, len(train), len(test), cfg.seed)
     frames = []
-    for epoch in tqdm(epochs, desc=f"clustering {run.id}", disable=not progress):
+    for epoch in bar(epochs, desc=f"clustering {run.id}", enabled=progress):
         model = trained.model if epoch == cfg.epochs else trained.snapshot(epoch)
 
         def centroids(model=model):

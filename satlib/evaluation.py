@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
+from .progress import bar
 
 from .attacks import Attack, attack_mode
 from .data import ArrayDataset, batches
@@ -76,7 +76,7 @@ def correctness(model: nn.Module, data: ArrayDataset, attacks: Mapping[str, Atta
     if not isinstance(attacks, Mapping):
         attacks = {a.name: a for a in attacks}
     columns = {"clean": correct_mask(model, data, batch_size=batch_size).numpy()}
-    for name, attack in tqdm(attacks.items(), desc="attacks", disable=not progress):
+    for name, attack in bar(attacks.items(), desc="attacks", enabled=progress):
         columns[name] = correct_mask(model, data, attack, batch_size=batch_size).numpy()
     return pd.DataFrame(columns)
 

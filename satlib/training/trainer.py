@@ -31,7 +31,6 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from ..attacks import PGD
 from ..config import Config
@@ -39,6 +38,7 @@ from ..data import DATASETS, ArrayDataset, batches, holdout, load
 from ..errors import SatlibError
 from ..evaluation import correct_mask
 from ..models import build_model
+from ..progress import bar
 from ..runs import Run, RunLocked, RunStore
 from .graphs import GraphedStep, device_learning_rate
 from .methods import build_step
@@ -215,7 +215,7 @@ def _train(cfg: Config, run: Run, job: Distributed, progress: bool, callbacks: S
     monitor = PGD(cfg.eps, steps=cfg.monitor_steps) if cfg.monitor_steps else None
     per_rank_batch = max(1, cfg.batch_size // job.world_size)
 
-    epochs = tqdm(range(start, cfg.epochs + 1), desc=run.id, disable=not progress, initial=start - 1,
+    epochs = bar(range(start, cfg.epochs + 1), desc=run.id, enabled=progress, initial=start - 1,
                   total=cfg.epochs, unit="epoch")
     with _cudnn_benchmark(cuda):
         for epoch in epochs:
