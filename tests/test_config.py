@@ -59,3 +59,25 @@ def test_replace_validates():
     assert cfg.replace(epochs=3).epochs == 3
     with pytest.raises(ConfigError):
         cfg.replace(epochs=-3)
+
+
+def test_tuned_values_are_the_chosen_points_of_the_committed_grid():
+    import pandas as pd
+    from pathlib import Path
+    from satlib.config import TUNED
+    grid = pd.read_csv(Path(__file__).resolve().parents[1] / "data" / "tuning_quick.csv")
+    chosen = grid[grid.chosen].set_index("method")
+    assert set(chosen.index) == set(TUNED["quick"])
+    for method, values in TUNED["quick"].items():
+        row = chosen.loc[method]
+        expected = {"lr": row["lr"], **({row["knob"]: row["value"]} if isinstance(row["knob"], str) else {})}
+        expected.update({k: row[k] for k in ("sat_lambda", "trades_beta", "awp_gamma")
+                         if k in row and row[k] == row[k]})
+        assert values == pytest.approx(expected), method
+
+
+def test_changing_the_method_takes_its_tuned_values_unless_set_explicitly():
+    pgd = resolve("quick")
+    assert pgd.replace(method="mart").lr == 0.05 and pgd.replace(method="mart").mart_beta == 3.0
+    assert resolve("quick", lr=0.02).replace(method="mart").lr == 0.02
+    assert resolve("paper", method="trades").trades_beta == 6.0          # the paper keeps the reference values
