@@ -3,7 +3,7 @@
 #   1. the throughput table (paper shape, every method, the trainer's graphed step against a plain one),
 #      alone on the GPU so that its timings mean something;
 #   2. then, side by side: the GPU-marked tests; every chapter through papermill at `-p epochs 2`;
-#      the command line (train and evaluate on CUDA); and the quick PGD-AT model's accuracies
+#      the command line (train, then evaluate, on CUDA); and the quick PGD-AT model's accuracies
 #      evaluated on the CPU and on the GPU from the same weights, which must agree within 1 point.
 # It prints one table at the end. Logs and executed notebooks go to $OUT (default gpu-check/).
 # Machines without papermill, a Jupyter kernel or pyautoattack can bring them as wheels in .whl/
@@ -36,7 +36,8 @@ for nb in chapters/0*.ipynb; do
     OMP_NUM_THREADS=2 step "$name" 290 python3 -m papermill "$nb" "$OUT/notebooks/$name.ipynb" -k python3 \
         -p epochs 2 --cwd chapters &
 done
-step cli-train 150 python3 -m satlib train --preset quick --method sat --device cuda &
+step cli-train-evaluate 200 bash -c "python3 -m satlib train --preset quick --method sat --device cuda \
+    && python3 -m satlib evaluate --preset quick --method sat --device cuda" &
 step cpu-vs-gpu 290 python3 bench/cpu_vs_gpu.py &
 wait
 
