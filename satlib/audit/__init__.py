@@ -9,6 +9,8 @@ other: its numbers equal ``satlib evaluate``'s for the same attacks, steps, rest
 """
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -136,5 +138,14 @@ def _model_key(model: nn.Module, dataset: str, normalization) -> str:
     nothing = torch.zeros(0)
     return fingerprint(model, nothing, nothing, repr((str(model), dataset, normalization)))
 
+
+class _CallableModule(types.ModuleType):
+    """Lets ``satlib.audit(model, dataset, ...)`` call ``audit`` while ``satlib.audit.loading`` stays a module."""
+
+    def __call__(self, *args, **kwargs) -> AuditResult:
+        return audit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["AuditError", "AuditResult", "audit", "load_weights"]
