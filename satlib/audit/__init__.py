@@ -60,6 +60,11 @@ def audit(model: nn.Module, dataset: str, *, eps: float | None = None, n: int | 
     ``out/cache/<model hash>`` as soon as it is computed (a rerun reads it) and the report is written
     to ``out``; ``about`` adds lines to its settings (the checkpoint, say). The model is evaluated in
     eval mode.
+
+    The robust accuracies come from ``satlib.evaluation.correctness`` and ``summarize``, the very
+    functions behind ``satlib.evaluation.evaluate`` (and so Chapter 5's Table 1 and ``satlib
+    evaluate``), with the attacks built by ``satlib.attacks.make_attack`` and seeded the same way: the
+    book and the audit cannot drift apart (``tests/test_audit.py`` checks the numbers are equal).
     """
     model.eval()
     device = next(model.parameters()).device

@@ -61,9 +61,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     while isinstance(obj, Mapping) and not _is_weights(obj) and any(isinstance(obj.get(k), Mapping) for k in NESTED):
         obj = next(obj[k] for k in NESTED if isinstance(obj.get(k), Mapping))
     weights = state_dict_of(obj, path)
-    for prefix in PREFIXES:
-        if all(k.startswith(prefix) for k in weights):
-            weights = {k[len(prefix):]: v for k, v in weights.items()}
+    shared = next((p for p in PREFIXES if all(k.startswith(p) for k in weights)), None)
+    while shared is not None:                 # stacked wrappers, e.g. ``_orig_mod.module.``
+        weights = {k[len(shared):]: v for k, v in weights.items()}
+        shared = next((p for p in PREFIXES if all(k.startswith(p) for k in weights)), None)
     return {k.replace("._orig_mod.", ".").replace(".module.", "."): v for k, v in weights.items()}
 
 
