@@ -1,4 +1,4 @@
-"""Command line: ``python -m satlib train | evaluate | runs`` (see ``--help``)."""
+"""Command line: ``python -m satlib train | evaluate | runs | audit`` (see ``--help``)."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   python -m satlib evaluate --preset quick --method pgd-at --attacks fgsm,pgd,autoattack
   python -m satlib evaluate --preset quick --method pgd-at --attacks pgd,lafeat   # heads trained once, cached
   python -m satlib runs                                            # what the run store holds
+  python -m satlib audit --checkpoint model.pt --model resnet18 --dataset digits --n 200   # a report folder
 """
 
 
@@ -92,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train and evaluate the models of satbook. Runs are stored under runs/ (or $SATLIB_RUNS), "
                     "keyed by their configuration: training an existing run loads it, an interrupted one resumes. "
                     "Errors are one line on stderr and exit status 2.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,runs}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,runs,audit}")
     p_train = sub.add_parser("train", help="train a model (or resume / reuse its stored run)",
                              description="Train one model into the run store, resuming it if it was interrupted.")
     _add_run_options(p_train)
@@ -110,7 +111,50 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("runs", help="list the runs in the store",
                    description="List the runs in the run store: their state (running, interrupted, finished), the "
                                "knobs that set each apart from its preset, and their last accuracies.")
+    _add_audit_parser(sub)
     return parser
+
+
+def _add_audit_parser(sub) -> None:
+    from .audit.measures import PRESET_OF
+    p = sub.add_parser("audit", help="the book's whole evaluation of any checkpoint, as a report folder",
+                       description="Audit a model's weights file: robust accuracy under the book's attacks, clustering "
+                                   "accuracy by layer, feature margin and radii, gradient-masking checks. Every part is "
+                                   "cached in OUT/cache, so an interrupted audit resumes when run again.")
+    p.add_argument("--checkpoint", required=True, help="a state_dict saved with torch.save (it may be nested under "
+                   "'state_dict' or 'model' and prefixed by 'module.' or '_orig_mod.')")
+    p.add_argument("--model", required=True, help="resnet18, wrn-28-10, or package.module:factory (a function that "
+                   "returns the nn.Module)")
+    p.add_argument("--dataset", required=True, choices=list(PRESET_OF), help="the test split audited")
+    p.add_argument("--normalize", metavar="MEAN,STD", help="the model expects (x - mean) / std; attacks still work "
+                   "in [0, 1] pixel space (one MEAN,STD pair, or C means then C standard deviations)")
+    p.add_argument("--eps", type=float, help="L-inf radius in [0, 1] pixel units (default: digits 0.2, else 8/255)")
+    p.add_argument("--n", type=_positive, help="audit the first N test samples (default: all)")
+    p.add_argument("--out", help="report folder (default: audit-<checkpoint name>)")
+    p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated attacks among {', '.join(ATTACKS)}")
+    p.add_argument("--steps", type=_positive, help="iterations of BIM, PGD, CW and LAFEAT (default: digits 50, else 100)")
+    p.add_argument("--restarts", type=_positive, default=5, help="random restarts of PGD and CW (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every attack, as satlib evaluate's --seed (default 0)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from .audit import audit
+    from .audit.loading import file_digest, load_model, parse_normalize
+    from .catalog import DATASETS
+    from .training import resolve_device
+    info = DATASETS[args.dataset]
+    normalization = None if args.normalize is None else parse_normalize(args.normalize, info.channels)
+    attacks = _attacks(args.attacks)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but this machine has no usable CUDA device; use --device auto.")
+    model = load_model(args.checkpoint, args.model, info).to(resolve_device(args.device))
+    out = args.out or f"audit-{os.path.splitext(os.path.basename(args.checkpoint))[0]}"
+    about = {"checkpoint": args.checkpoint, "sha256": file_digest(args.checkpoint), "model": args.model}
+    audit(model, args.dataset, eps=args.eps, n=args.n, steps=args.steps, restarts=args.restarts, attacks=attacks,
+          seed=args.seed, normalization=normalization, out=out, about=about, progress=True)
+    print(f"report written to {os.path.join(out, 'report.md')} (and report.html, CSVs, summary.json)")
+    return 0
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -149,6 +193,8 @@ def _run(args: argparse.Namespace) -> int:
         table = store.list()
         print(table.to_string(index=False) if len(table) else f"no runs under {store.root}")
         return 0
+    if args.command == "audit":
+        return _audit(args)
     cfg = _config(args)
     attacks = _attacks(args.attacks) if args.command == "evaluate" else []
     from .experiments import evaluate_run, load_or_train

@@ -38,7 +38,8 @@ def _load_problem(err: Exception) -> str:
     refused = re.search(r"GLOBAL ([\w.]+)", text)
     if refused:
         return f"it holds Python objects ({refused.group(1)}) that a weights-only load refuses"
-    if isinstance(err, (pickle.UnpicklingError, EOFError)) or "PytorchStreamReader" in text:
+    damaged_zip = isinstance(err, OSError) and not isinstance(err, (PermissionError, IsADirectoryError))
+    if isinstance(err, (pickle.UnpicklingError, EOFError)) or damaged_zip or "PytorchStreamReader" in text:
         return "it is damaged, cut short or not a torch file"
     first = text.split("\n")[0].split(". ")[0][:160]
     return f"{type(err).__name__}: {first}" if first and "weights_only" not in first else type(err).__name__

@@ -9,6 +9,8 @@ other: its numbers equal ``satlib evaluate``'s for the same attacks, steps, rest
 """
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -58,6 +60,11 @@ def audit(model: nn.Module, dataset: str, *, eps: float | None = None, n: int | 
     ``out/cache/<model hash>`` as soon as it is computed (a rerun reads it) and the report is written
     to ``out``; ``about`` adds lines to its settings (the checkpoint, say). The model is evaluated in
     eval mode.
+
+    The robust accuracies come from ``satlib.evaluation.correctness`` and ``summarize``, the very
+    functions behind ``satlib.evaluation.evaluate`` (and so Chapter 5's Table 1 and ``satlib
+    evaluate``), with the attacks built by ``satlib.attacks.make_attack`` and seeded the same way: the
+    book and the audit cannot drift apart (``tests/test_audit.py`` checks the numbers are equal).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -136,5 +143,14 @@ def _model_key(model: nn.Module, dataset: str, normalization) -> str:
     nothing = torch.zeros(0)
     return fingerprint(model, nothing, nothing, repr((str(model), dataset, normalization)))
 
+
+class _CallableModule(types.ModuleType):
+    """Lets ``satlib.audit(model, dataset, ...)`` call ``audit`` while ``satlib.audit.loading`` stays a module."""
+
+    def __call__(self, *args, **kwargs) -> AuditResult:
+        return audit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["AuditError", "AuditResult", "audit", "load_weights"]

@@ -61,9 +61,10 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     while isinstance(obj, Mapping) and not _is_weights(obj) and any(isinstance(obj.get(k), Mapping) for k in NESTED):
         obj = next(obj[k] for k in NESTED if isinstance(obj.get(k), Mapping))
     weights = state_dict_of(obj, path)
-    for prefix in PREFIXES:
-        if all(k.startswith(prefix) for k in weights):
-            weights = {k[len(prefix):]: v for k, v in weights.items()}
+    shared = next((p for p in PREFIXES if all(k.startswith(p) for k in weights)), None)
+    while shared is not None:                 # stacked wrappers, e.g. ``_orig_mod.module.``
+        weights = {k[len(shared):]: v for k, v in weights.items()}
+        shared = next((p for p in PREFIXES if all(k.startswith(p) for k in weights)), None)
     return {k.replace("._orig_mod.", ".").replace(".module.", "."): v for k, v in weights.items()}
 
 
@@ -85,7 +86,10 @@ def build_architecture(spec: str, dataset: DatasetInfo, weights: Mapping[str, to
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as err:
         raise AuditError(f"cannot import the model factory {spec!r} ({type(err).__name__}: {err})") from None
-    model = factory()
+    try:
+        model = factory()
+    except Exception as err:      # any failure of the user's own code is reported, not raised through
+        raise AuditError(f"the model factory {spec!r} failed ({type(err).__name__}: {err})") from None
     if not isinstance(model, nn.Module):
         raise AuditError(f"the model factory {spec!r} returned a {type(model).__name__}, not a torch nn.Module")
     return model
@@ -105,6 +109,13 @@ def fit_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], *, source
         raise AuditError(f"{source} does not fit the {type(model).__name__} model: {'; '.join(problems)}")
     model.load_state_dict(dict(weights))
     return model.eval()
+
+
+def load_model(path: str | Path, spec: str, dataset: DatasetInfo) -> nn.Module:
+    """The model ``spec`` (``build_architecture``) holding the weights of the checkpoint at ``path``
+    (``load_weights``, ``fit_weights``), in eval mode on the CPU."""
+    weights = load_weights(path)
+    return fit_weights(build_architecture(spec, dataset, weights), weights, source=str(path))
 
 
 def _some(keys: Sequence[str]) -> str:
