@@ -1,11 +1,11 @@
 """Class centroids of intermediate features and clustering accuracy (Definition 1 / Eq. 2, Chapter 2).
 
 The clustered label of a sample at layer ``l`` is the class whose training centroid ``mu_k^l`` is
-*nearest* to ``f^l(x)`` (arg min; the paper prints arg max, NOTES E1). Centroids come from clean
-training features; the evaluated sample may be clean or attacked. Features of the early layers are
-large (65,536 dimensions for ResNet-18's first stage on CIFAR-10), so centroids are accumulated as
-per-class sums over batches (memory O(classes x dims), never O(samples x dims)) and distances are
-computed batch by batch.
+*nearest* to ``f^l(x)`` (arg min; the paper prints arg max: the book's errata appendix,
+``errata-argmin``). Centroids come from clean training features; the evaluated sample may be clean or
+attacked. Features of the early layers are large (65,536 dimensions for ResNet-18's first stage on
+CIFAR-10), so centroids are accumulated as per-class sums over batches (memory O(classes x dims),
+never O(samples x dims)) and distances are computed batch by batch.
 
 Per-epoch analyses (the bars of Figure 2 at several epochs): ``clustering_by_epoch`` works on a
 finished run's weight snapshots and caches centroids and accuracies in the run store;

@@ -71,14 +71,40 @@ def correct_mask(model: nn.Module, data: ArrayDataset, attack: Attack | None = N
 
 
 def correctness(model: nn.Module, data: ArrayDataset, attacks: Mapping[str, Attack] | Sequence[Attack], *,
-                batch_size: int | None = None, progress: bool = False) -> pd.DataFrame:
-    """Per-sample correctness: one boolean column for ``clean`` and for each attack, one row per sample."""
+                batch_size: int | None = None, progress: bool = False, seed: int | None = None,
+                cache: Run | None = None, tag: str = "last") -> pd.DataFrame:
+    """Per-sample correctness: one boolean column for ``clean`` and for each attack, one row per sample.
+
+    With ``seed``, the global random state is reset before each attack, so an attack's column does
+    not depend on which other attacks run or in what order. With ``cache`` (a run of the store, or any
+    ``satlib.artifacts.Artifacts``), each column is kept under the attack's full description and the
+    data size, so a chapter that asks again, alone or in another list, reads it instead of attacking
+    again; ``tag`` names the weights evaluated (a run's ``last`` or ``best`` epoch), so their columns
+    stay apart. ``frame.attrs["seconds"]`` holds each column's computing time (when it was computed).
+    """
     if not isinstance(attacks, Mapping):
         attacks = {a.name: a for a in attacks}
-    columns = {"clean": correct_mask(model, data, batch_size=batch_size).numpy()}
-    for name, attack in bar(attacks.items(), desc="attacks", enabled=progress):
-        columns[name] = correct_mask(model, data, attack, batch_size=batch_size).numpy()
-    return pd.DataFrame(columns)
+    columns, seconds = {}, {}
+    for name, attack in bar([("clean", None), *attacks.items()], desc="attacks", enabled=progress):
+        def compute(attack=attack):
+            if seed is not None:
+                torch.manual_seed(seed)
+            began = time.perf_counter()
+            mask = correct_mask(model, data, attack, batch_size=batch_size).numpy()
+            return pd.DataFrame({"correct": mask, "seconds": time.perf_counter() - began})
+
+        if cache is None:
+            column = compute()
+        else:
+            key = hashlib.sha256(repr((repr(attack), data.name, len(data), seed, tag)).encode()).hexdigest()[:12]
+            column = cache.cached_frame(f"correct-{key}", compute, columns=("correct", "seconds"))
+        columns[name] = column["correct"].to_numpy(dtype=bool)
+        seconds[name] = float(column["seconds"].iloc[0]) if len(column) else 0.0
+        if progress:
+            print(f"{name}: {columns[name].mean():.4f} ({seconds[name]:.1f} s)", flush=True)
+    frame = pd.DataFrame(columns)
+    frame.attrs["seconds"] = seconds
+    return frame
 
 
 def summarize(correct: pd.DataFrame) -> pd.DataFrame:
@@ -96,32 +122,10 @@ def evaluate(model: nn.Module, data: ArrayDataset, attacks: Mapping[str, Attack]
     """Clean accuracy, accuracy under each attack and the worst case, as a tidy DataFrame.
 
     Columns: ``attack``, ``accuracy`` (fraction in [0, 1]), ``n`` (samples), ``seconds`` (per attack).
-    With ``seed``, the global random state is reset before each attack, so an attack's column does
-    not depend on which other attacks run or in what order. With ``cache`` (a run of the store), each
-    column is kept in the run's artifacts under the attack's full description and the data size, so
-    a chapter that asks again, alone or in another list, reads it instead of attacking again; ``tag``
-    names the weights evaluated (a run's ``last`` or ``best`` epoch), so their columns stay apart.
+    The arguments are those of ``correctness``, whose per-sample columns this summarizes.
     """
-    if not isinstance(attacks, Mapping):
-        attacks = {a.name: a for a in attacks}
-    columns, seconds = {}, {}
-    for name, attack in [("clean", None), *attacks.items()]:
-        def compute(attack=attack):
-            if seed is not None:
-                torch.manual_seed(seed)
-            began = time.perf_counter()
-            mask = correct_mask(model, data, attack, batch_size=batch_size).numpy()
-            return pd.DataFrame({"correct": mask, "seconds": time.perf_counter() - began})
-
-        if cache is None:
-            column = compute()
-        else:
-            key = hashlib.sha256(repr((repr(attack), data.name, len(data), seed, tag)).encode()).hexdigest()[:12]
-            column = cache.cached_frame(f"correct-{key}", compute, columns=("correct", "seconds"))
-        columns[name] = column["correct"].to_numpy(dtype=bool)
-        seconds[name] = float(column["seconds"].iloc[0]) if len(column) else 0.0
-        if progress:
-            print(f"{name}: {columns[name].mean():.4f} ({seconds[name]:.1f} s)", flush=True)
-    frame = summarize(pd.DataFrame(columns))
-    frame["seconds"] = frame["attack"].map(seconds).fillna(0.0)
+    correct = correctness(model, data, attacks, batch_size=batch_size, progress=progress, seed=seed, cache=cache,
+                          tag=tag)
+    frame = summarize(correct)
+    frame["seconds"] = frame["attack"].map(correct.attrs["seconds"]).fillna(0.0)
     return frame

@@ -6,7 +6,6 @@ robust-accuracy table once and caches it in the run's artifacts.
 """
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -18,12 +17,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .attacks import ATTACKS, LAFEAT, make_attack, train_heads
-from .attacks.lafeat import HEAD_DEFAULTS as LAFEAT_HEAD_DEFAULTS
-from .attacks.lafeat import default_layers as lafeat_default_layers
-from .attacks.lafeat import heads_state, load_heads_state, make_heads
+from .attacks import OUTPUT_ATTACKS, Attack, fit_heads, make_attack
+from .attacks.lafeat_heads import HEAD_DEFAULTS
 from .config import Config
-from .data import DATASETS, ArrayDataset, load
+from .data import ArrayDataset, load
 from .evaluation import evaluate
 from .runs import Run, RunStore
 from .training import model_for, resolve_device, train
@@ -107,7 +104,7 @@ def _train_quietly(cfg: Config, root: str) -> str:
     return train(cfg, store=RunStore(root), progress=False).id
 
 
-def evaluate_many(trained: Sequence[Trained], attacks: Sequence[str] | Sequence[Sequence[str]] = ATTACKS, *,
+def evaluate_many(trained: Sequence[Trained], attacks: Sequence[str] | Sequence[Sequence[str]] = OUTPUT_ATTACKS, *,
                   n: int | None = None, steps: int | None = None, restarts: int = 1, workers: int | None = None,
                   progress: bool = True) -> list[pd.DataFrame]:
     """``evaluate_run`` for several runs (Chapter 5's Table 1), computed in parallel processes on a CPU.
@@ -142,47 +139,53 @@ def _evaluate_quietly(cfg: Config, root: str, attacks: list[str], n: int | None,
                  restarts=restarts)
 
 
-def evaluate_run(trained: Trained, attacks: Sequence[str] = ATTACKS, *, n: int | None = None, steps: int | None = None,
-                 restarts: int = 1, progress: bool = False) -> pd.DataFrame:
+def evaluate_run(trained: Trained, attacks: Sequence[str] = OUTPUT_ATTACKS, *, n: int | None = None,
+                 steps: int | None = None, restarts: int = 1, progress: bool = False) -> pd.DataFrame:
     """Table-1 row of a run: clean, each attack and the worst case; each attack seeded with the run's
     seed and its per-sample results cached in the run's artifacts (``satlib.evaluation.evaluate``)."""
     cfg = trained.cfg
     steps = cfg.eval_steps if steps is None else steps
-    built = {a.name: a for a in (lafeat_for(trained, steps=steps) if name.lower() == "lafeat" else
-                                 make_attack(name, eps=cfg.eps, steps=steps, restarts=restarts, seed=cfg.seed) for name in attacks)}
+    built = {a.name: a for a in (attack_for(trained, name, steps=steps, restarts=restarts) for name in attacks)}
     return evaluate(trained.model, trained.test_set(n), built, progress=progress, seed=cfg.seed, tag=trained.weights,
                     cache=trained.run)
 
 
-_LAFEAT_ATTACKS: dict[str, LAFEAT] = {}
+def attack_for(trained: Trained, name: str, *, steps: int | None = None, restarts: int = 1, **options) -> Attack:
+    """The attack ``name`` (``satlib.attacks.ATTACKS``) on a run, with the run's eps and seed (``make_attack``).
 
-
-def lafeat_for(trained: Trained, *, steps: int | None = None, layers: Sequence[str] | None = None,
-               **options) -> LAFEAT:
-    """LAFEAT (Chapter 4) on a run: its heads trained once on the run's training set and cached in its artifacts.
-
-    ``layers`` (default: the penultimate residual block, the authors' choice) and the head options of
-    ``satlib.attacks.lafeat.train_heads`` (``epochs``, ``lr``, ``min_lr``, ``batch_size``,
-    ``weight_decay``, ``hidden``, ``pool``, ``activation``, ``target``; the authors' values by
-    default) name the cached heads; the remaining ``options`` go to ``LAFEAT`` (``betas``,
-    ``momentum``, ``step_scale``, ``start``). ``steps`` defaults to ``cfg.eval_steps``. Within a
-    process the same arguments return the same attack object, which remembers its last results, so
-    an accuracy table, clustering accuracy and feature shifts of one test set share one attack run.
+    LAFEAT gets the run's heads and keeps its adversarial examples in the run's artifacts, so that an
+    accuracy table, clustering accuracy and feature shifts of one test set share one attack run, in
+    any process (``lafeat_for`` says which ``options`` it takes). ``steps`` defaults to ``cfg.eval_steps``.
     """
     cfg = trained.cfg
     steps = cfg.eval_steps if steps is None else steps
-    layers = lafeat_default_layers(trained.model) if layers is None else list(layers)
-    head_options = {**LAFEAT_HEAD_DEFAULTS, **{k: options.pop(k) for k in list(options) if k in LAFEAT_HEAD_DEFAULTS}}
-    head_options["seed"] = cfg.seed
-    head_key = hashlib.sha256(repr(sorted(head_options.items())).encode()).hexdigest()[:10]
-    name = f"lafeat-heads-{'+'.join(layers)}-{head_key}"
-    state = trained.run.cached_tensors(name, lambda: heads_state(
-        train_heads(trained.model, trained.train_set(), layers, **head_options)))
-    sample = load(cfg.dataset, "test").x[:1]
-    num_classes = DATASETS[cfg.dataset].num_classes
-    heads = load_heads_state(make_heads(trained.model, sample, layers, num_classes, hidden=head_options["hidden"],
-                                        pool=head_options["pool"], activation=head_options["activation"]), state)
-    options = {"seed": cfg.seed, "memo": 8, **options}
-    attack = LAFEAT(cfg.eps, heads, steps=steps, **options)
-    key = f"{trained.run.dir}|{attack!r}"
-    return _LAFEAT_ATTACKS.setdefault(key, attack)
+    if name.lower() == "lafeat":
+        options = _lafeat_inputs(trained, **options)
+    return make_attack(name, eps=cfg.eps, steps=steps, restarts=restarts, seed=cfg.seed, **options)
+
+
+def _lafeat_inputs(trained: Trained, layers: Sequence[str] | None = None, **options) -> dict:
+    """LAFEAT's options for a run: its heads, fitted on the run's training set, and its adversarial examples,
+    both kept in the run's artifacts."""
+    suffix = "" if trained.weights == "last" else f"-{trained.weights}"      # the best epoch's heads kept apart
+    head_options = {k: options.pop(k) for k in list(options) if k in HEAD_DEFAULTS}
+
+    def heads():
+        return fit_heads(trained.model, trained.train_set, layers, seed=trained.cfg.seed, **head_options,
+                         cache=lambda name, compute: trained.run.cached_tensors(name + suffix, compute))
+
+    return {**options, "heads": heads, "store": trained.run}
+
+
+def lafeat_for(trained: Trained, *, steps: int | None = None, layers: Sequence[str] | None = None,
+               **options) -> Attack:
+    """LAFEAT (Chapter 4) on a run: its heads trained once on the run's training set and cached in its artifacts.
+
+    ``layers`` (default: the penultimate residual block, the authors' choice) and the head options of
+    ``satlib.attacks.fit_heads`` (``epochs``, ``lr``, ``min_lr``, ``batch_size``, ``weight_decay``,
+    ``hidden``, ``pool``, ``activation``, ``target``; the authors' values by default) name the cached
+    heads; the remaining ``options`` go to ``LAFEAT`` (``betas``, ``momentum``, ``step_scale``,
+    ``start``, ``memo``). ``steps`` defaults to ``cfg.eval_steps``. Its adversarial examples are kept in
+    the run's artifacts too, so every attack object built with the same arguments shares them.
+    """
+    return attack_for(trained, "lafeat", steps=steps, layers=layers, **options)

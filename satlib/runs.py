@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
@@ -36,16 +34,14 @@ from typing import Any
 import pandas as pd
 import torch
 
+from .artifacts import Artifacts, keep
+from .checkpoints import CheckpointError, safe_load, state_dict_of
 from .config import Config, resolve
 from .errors import SatlibError
 from .storage import ProcessLock, StorageError, atomic_save, atomic_write_text, make_folder, serialised, staged
 
 __all__ = ["CheckpointError", "Run", "RunLocked", "RunStore", "StorageError", "atomic_save", "atomic_write_text",
            "runs_root", "safe_load"]
-
-
-class CheckpointError(SatlibError, RuntimeError):
-    """No readable checkpoint although one was written; the message says which files and what to do."""
 
 
 class RunLocked(SatlibError, RuntimeError):
@@ -61,40 +57,12 @@ def runs_root(root: str | os.PathLike | None = None) -> Path:
     return Path(__file__).resolve().parents[1] / "runs"
 
 
-def safe_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` that turns any unreadable file into a one-sentence ``CheckpointError``."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, garbage bytes, refused pickles: all mean "unreadable"
-        raise CheckpointError(f"{path} cannot be read: {_load_problem(err)}") from None
-
-
-def _load_problem(err: Exception) -> str:
-    """Why ``torch.load`` failed, in a few words (torch's own text advises turning the safe loader off)."""
-    text = str(err)
-    refused = re.search(r"GLOBAL ([\w.]+)", text)
-    if refused:
-        return f"it holds Python objects ({refused.group(1)}) that a weights-only load refuses"
-    if isinstance(err, (pickle.UnpicklingError, EOFError)) or "PytorchStreamReader" in text:
-        return "it is damaged, cut short or not a torch file"
-    first = text.split("\n")[0].split(". ")[0][:160]
-    return f"{type(err).__name__}: {first}" if first and "weights_only" not in first else type(err).__name__
-
-
-def _weights(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """``obj`` if it is model weights (a dict of named tensors), else ``CheckpointError``."""
-    if isinstance(obj, Mapping) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                               for k, v in obj.items()):
-        return dict(obj)
-    raise CheckpointError(f"{path} does not hold model weights (a dict of named tensors)")
-
-
 def _training_state(path: Path) -> dict[str, Any]:
     """The training state in ``path``, checked to have an epoch number and model weights."""
     state = safe_load(path)
     if not isinstance(state, Mapping) or type(state.get("epoch")) is not int or "model" not in state:
         raise CheckpointError(f"{path} is not a training checkpoint (a dict with an epoch number and model weights)")
-    _weights(state["model"], path)
+    state_dict_of(state["model"], path)
     return dict(state)
 
 
@@ -106,6 +74,7 @@ class Run:
         self.id = cfg.run_id()
         self.dir = Path(root) / self.id
         self._lock = ProcessLock(self.dir / "train.lock")
+        self.artifacts = Artifacts(self.dir / "artifacts", prepare=self._folder)
 
     # -- paths ------------------------------------------------------------------------------------
     @property
@@ -236,9 +205,9 @@ class Run:
             if not self.best_path.exists():
                 raise CheckpointError(f"run {self.id} kept no best weights: no epoch was scored on validation "
                                       f"images (val_size={self.cfg.val_size}); use its last weights.")
-            return _weights(safe_load(self.best_path), self.best_path)
+            return state_dict_of(safe_load(self.best_path), self.best_path)
         try:
-            return _weights(safe_load(self.model_path), self.model_path)
+            return state_dict_of(safe_load(self.model_path), self.model_path)
         except CheckpointError as err:
             problem = str(err)
         state = self.load_checkpoint()
@@ -251,7 +220,7 @@ class Run:
             raise CheckpointError(f"{problem}, and {last}; train run {self.id} again to redo the missing epochs.")
         warnings.warn(f"{problem}; it is rebuilt from the final checkpoint (epoch {state['epoch']}), which holds the "
                       f"same weights.", stacklevel=2)
-        self._cache(self.model_path, lambda path: atomic_save(state["model"], path))
+        keep(self.model_path, lambda path: atomic_save(state["model"], path), prepare=self._folder)
         return state["model"]
 
     # -- metrics and snapshots --------------------------------------------------------------------
@@ -278,51 +247,18 @@ class Run:
         if not path.exists():
             raise CheckpointError(f"run {self.id} kept no weights after epoch {epoch}; it kept epochs "
                                   f"{self.snapshot_epochs()} (the config knob snapshot_epochs chooses them).")
-        return _weights(safe_load(path), path)
+        return state_dict_of(safe_load(path), path)
 
     # -- cached analyses --------------------------------------------------------------------------
     def cached_frame(self, name: str, compute: Callable[[], pd.DataFrame],
                      columns: Sequence[str] = ()) -> pd.DataFrame:
-        """A DataFrame computed once and kept as ``artifacts/<name>.csv`` (Chapters reuse evaluations).
-
-        ``columns`` names the columns a cached copy must have: one that cannot be read or lacks one of
-        them is computed again, with a warning.
-        """
-        path = self.dir / "artifacts" / f"{name}.csv"
-        if path.exists():
-            try:
-                frame = pd.read_csv(path)
-                missing = [c for c in columns if c not in frame.columns]
-                if not missing:
-                    return frame
-                problem = f"lacks the column(s) {', '.join(missing)}"
-            except (ValueError, OSError) as err:      # bad bytes, an empty file, broken rows
-                problem = f"cannot be read ({type(err).__name__})"
-            warnings.warn(f"the cached {path} {problem}; computing it again.", stacklevel=2)
-        frame = compute()
-        self._cache(path, lambda p: atomic_write_text(p, frame.to_csv(index=False)))
-        return frame
+        """A DataFrame computed once and kept as ``artifacts/<name>.csv`` (chapters reuse evaluations); a kept
+        copy that lacks one of ``columns`` is computed again (``satlib.artifacts.Artifacts``)."""
+        return self.artifacts.cached_frame(name, compute, columns)
 
     def cached_tensors(self, name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """A dict of tensors computed once and kept as ``artifacts/<name>.pt``."""
-        path = self.dir / "artifacts" / f"{name}.pt"
-        if path.exists():
-            try:
-                return safe_load(path)
-            except CheckpointError as err:
-                warnings.warn(f"{err}; computing it again.", stacklevel=2)
-        value = compute()
-        self._cache(path, lambda p: atomic_save(value, p))
-        return value
-
-    def _cache(self, path: Path, write: Callable[[Path], None]) -> None:
-        """Keep a result that can be computed again; a store that cannot take it only earns a warning."""
-        try:
-            self._folder()
-            make_folder(path.parent)
-            write(path)
-        except StorageError as err:
-            warnings.warn(f"{path.name} is used but not kept: {err}", stacklevel=3)
+        return self.artifacts.cached_tensors(name, compute)
 
 
 class RunStore:

@@ -1,10 +1,10 @@
-"""Property and oracle tests of the attacks (DESIGN "Testing")."""
+"""Property and oracle tests of the attacks (Chapter 1): the eps-ball, the pixel range, seeding, the official AutoAttack."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from satlib.attacks import (BIM, FGSM, PGD, AutoAttack, CWInf, CWMargin, KLDivergence, SignGradientAttack,
-                            make_attack, margin, project)
+from satlib.attacks import (ATTACKS as ATTACK_NAMES, BIM, FGSM, LAFEAT, OUTPUT_ATTACKS, PGD, AutoAttack, CWInf, CWMargin,
+                            KLDivergence, SignGradientAttack, make_attack, margin, project)
 from satlib.evaluation import correct_mask, evaluate
 
 EPS = 0.2
@@ -120,6 +120,10 @@ def test_official_autoattack_oracle(trained_digits_model, digits_test):
 
 def test_make_attack_names():
     assert isinstance(make_attack("cw", eps=0.1), CWInf)
+    assert set(ATTACK_NAMES) == {*OUTPUT_ATTACKS, "lafeat"}
+    built = [make_attack(name, eps=0.1, steps=3, heads={}) for name in ATTACK_NAMES]   # heads: only LAFEAT reads them
+    assert [type(a) for a in built] == [FGSM, BIM, PGD, CWInf, AutoAttack, LAFEAT]
+    assert all(a.store is None for a in built)
     assert make_attack("pgd", eps=0.1, steps=7).steps == 7
     with pytest.raises(ValueError, match="unknown attack"):
         make_attack("deepfool", eps=0.1)
@@ -201,3 +205,19 @@ def test_seeded_columns_do_not_depend_on_the_other_attacks_and_are_cached(traine
     assert len(list((run.dir / "artifacts").glob("correct-*.csv"))) == 3          # clean, FGSM, PGD
     again = evaluate(torch.nn.Sequential(), data, [pgd], seed=5, cache=run).set_index("attack")   # no model needed
     assert again.loc["PGD", "accuracy"] == first.loc["PGD", "accuracy"] == alone.loc["PGD", "accuracy"]
+
+
+def test_kept_results_are_read_back_for_the_same_attack_weights_and_batch(trained_digits_model, batch, tmp_path):
+    from satlib.artifacts import Artifacts
+
+    x, y = batch
+    store = Artifacts(tmp_path)
+    torch.manual_seed(0)
+    first = make_attack("pgd", eps=EPS, steps=3, store=store)(trained_digits_model, x, y)
+    assert len(list(tmp_path.glob("adversarial-pgd-*.pt"))) == 1
+    torch.manual_seed(1)                                        # another random start would give other examples
+    again = make_attack("pgd", eps=EPS, steps=3, store=store)(trained_digits_model, x, y)
+    assert torch.equal(again, first)
+    make_attack("pgd", eps=EPS, steps=4, store=store)(trained_digits_model, x, y)
+    make_attack("pgd", eps=EPS, steps=3, store=store)(trained_digits_model, x[:10], y[:10])
+    assert len(list(tmp_path.glob("adversarial-pgd-*.pt"))) == 3

@@ -94,7 +94,7 @@ def test_l1_and_linf_equal_a_direct_nearest_mean_computation(trained_digits_mode
 
 
 def test_clustered_label_is_the_nearest_centroid_not_the_farthest():
-    """Definition 1 with arg min (NOTES E1): a point sitting on a centroid gets that centroid's label."""
+    """Definition 1 with arg min (``errata-argmin``): a point sitting on a centroid gets that centroid's label."""
     centroids = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 3.0]])
     points = centroids + 0.1
     for norm in ("l1", "l2", "linf"):

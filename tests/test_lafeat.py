@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from satlib.attacks import LAFEAT, train_heads
-from satlib.attacks.lafeat import (AUTHORS_BETAS, default_layers, head_agreement, heads_state, load_heads_state,
-                                   make_head, make_heads, mixed_logits)
+from satlib.attacks import LAFEAT, fit_heads, make_attack, train_heads
+from satlib.attacks.lafeat import AUTHORS_BETAS, mixed_logits
+from satlib.attacks.lafeat_heads import (default_layers, head_agreement, heads_from_state, heads_state, make_head,
+                                         make_heads)
 from satlib.config import resolve
 from satlib.data import load
 from satlib.evaluation import correct_mask
@@ -69,8 +70,16 @@ def test_head_shapes_and_state_round_trip(trained_digits_model, digits_test):
     heads = make_heads(trained_digits_model, digits_test.x, ["layer2.1", "layer4.0"], 10)
     state = heads_state(heads)
     assert all(k.split("/")[0] in heads for k in state)
-    fresh = load_heads_state(make_heads(trained_digits_model, digits_test.x, ["layer2.1", "layer4.0"], 10), state)
+    fresh = heads_from_state(state)          # rebuilt from the weights alone, no sample needed
+    assert list(fresh) == ["layer2.1", "layer4.0"] and not fresh["layer4.0"].training
+    assert heads_state(fresh).keys() == state.keys()
     assert all(torch.equal(state[k], v) for k, v in heads_state(fresh).items())
+    for options in (dict(pool="none", hidden=16, activation=True), dict(activation=True), dict(pool="none")):
+        other = {"layer3.1": make_head((32, 2, 2), 10, **options)}
+        rebuilt = heads_from_state(heads_state(other))["layer3.1"]
+        assert [type(m) for m in rebuilt] == [type(m) for m in other["layer3.1"]]
+        x = torch.randn(2, 32, 2, 2)
+        assert torch.equal(rebuilt(x), other["layer3.1"].eval()(x))
     assert default_layers(trained_digits_model) == ["layer4.0"]
 
 
@@ -155,12 +164,80 @@ def test_memo_returns_the_stored_result_until_the_weights_change(trained_digits_
         first = attack(model, x, y)
         n = len(calls)
         assert torch.equal(attack(model, x, y), first) and len(calls) == n      # no forward pass
+        assert torch.equal(LAFEAT(EPS, heads, steps=3, betas=(0.5,))(model, x, y), first)
         with torch.no_grad():
-            model.linear.bias.add_(0.0)                                           # bumps the version counter
-        attack(model, x, y)
-        assert len(calls) > n
+            model.linear.bias.add_(1e-3)
+        try:
+            attack(model, x, y)
+            assert len(calls) > n
+        finally:
+            with torch.no_grad():
+                model.linear.bias.sub_(1e-3)
     finally:
         hook.remove()
+
+
+class DictStore:
+    """A store like a run's artifacts, in memory."""
+
+    def __init__(self):
+        self.kept = {}
+
+    def cached_tensors(self, name, compute):
+        if name not in self.kept:
+            self.kept[name] = compute()
+        return self.kept[name]
+
+
+def test_kept_results_are_shared_between_objects_and_keyed_by_attack_and_batch(trained_digits_model, heads,
+                                                                               digits_test):
+    model, x, y = trained_digits_model, digits_test.x[:40], digits_test.y[:40]
+    store = DictStore()
+    first = LAFEAT(EPS, heads, steps=3, betas=(0.5,)).keep_results(store)(model, x, y)
+    assert len(store.kept) == 1 and first.device == x.device and next(iter(store.kept)).startswith("adversarial-lafeat-")
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = LAFEAT(EPS, heads, steps=3, betas=(0.5,)).keep_results(store)(model, x, y)
+        assert torch.equal(again, first) and not calls                           # read, not recomputed
+    finally:
+        hook.remove()
+    LAFEAT(EPS, heads, steps=4, betas=(0.5,)).keep_results(store)(model, x, y)              # another attack
+    LAFEAT(EPS, heads, steps=3, betas=(0.5,)).keep_results(store)(model, x[:20], y[:20])    # another batch
+    assert len(store.kept) == 3
+
+
+def test_make_attack_builds_lafeat_from_heads_or_says_what_is_missing(heads):
+    attack = make_attack("LAFEAT", eps=EPS, steps=7, seed=3, heads=heads, betas=(0.2,))
+    assert isinstance(attack, LAFEAT) and attack.steps == 7 and attack.seed == 3 and list(attack.heads) == ["layer3.1"]
+    assert make_attack("lafeat", eps=EPS, heads=lambda: {}).heads == {}          # built lazily, or none at all
+    with pytest.raises(ValueError, match="LAFEAT needs trained heads"):
+        make_attack("lafeat", eps=EPS)
+    with pytest.raises(ValueError, match="LAFEAT's"):
+        make_attack("pgd", eps=EPS, betas=(0.2,))
+
+
+def test_fit_heads_trains_once_then_reads_the_cache(trained_digits_model, train_set):
+    store, calls = {}, []
+
+    def cache(name, compute):
+        if name not in store:
+            store[name] = compute()
+        return store[name]
+
+    def data():
+        calls.append(1)
+        return train_set
+
+    first = fit_heads(trained_digits_model, data, ["layer3.1"], cache=cache, epochs=2)
+    second = fit_heads(trained_digits_model, data, ["layer3.1"], cache=cache, epochs=2)
+    assert len(calls) == 1 and len(store) == 1 and next(iter(store)).startswith("lafeat-heads-layer3.1-")
+    assert all(torch.equal(a, b) for a, b in zip(heads_state(first).values(), heads_state(second).values()))
+    fit_heads(trained_digits_model, data, ["layer3.1"], cache=cache, epochs=3)
+    fit_heads(trained_digits_model, data, ["layer3.1"], cache=cache, epochs=2, seed=1)
+    assert len(store) == 3
+    with pytest.raises(ValueError, match="unknown head option"):
+        fit_heads(trained_digits_model, train_set, ["layer3.1"], epoch=2)
 
 
 def test_heads_beat_their_beta_zero_variant_on_an_adversarially_trained_model(at_run):
@@ -176,14 +253,40 @@ def test_heads_beat_their_beta_zero_variant_on_an_adversarially_trained_model(at
     assert not torch.equal(attack(model, x, y), beta0(model, x, y))
 
 
-def test_lafeat_for_caches_heads_and_evaluate_run_accepts_lafeat(at_run):
+def test_lafeat_for_caches_heads_and_adversarial_examples_and_evaluate_run_accepts_lafeat(at_run):
     first = lafeat_for(at_run, steps=4, epochs=5)
-    artifacts = sorted(p.name for p in (at_run.run.dir / "artifacts").glob("lafeat-heads-layer4.0-*.pt"))
-    assert artifacts, "heads were not cached in the run store"
-    assert lafeat_for(at_run, steps=4, epochs=5) is first
+    artifacts = at_run.run.dir / "artifacts"
+    assert list(artifacts.glob("lafeat-heads-layer4.0-*.pt")), "heads were not cached in the run store"
+    again = lafeat_for(at_run, steps=4, epochs=5)
+    assert repr(again) == repr(first) and again is not first
     other = lafeat_for(at_run, steps=4, epochs=5, layers=["layer3.1"])
-    assert list(other.heads) == ["layer3.1"] and len(list((at_run.run.dir / "artifacts").glob("lafeat-heads-*"))) > 1
+    assert list(other.heads) == ["layer3.1"] and len(list(artifacts.glob("lafeat-heads-*"))) > 1
     assert first.steps == 4 and lafeat_for(at_run, epochs=5).steps == at_run.cfg.eval_steps
     table = evaluate_run(at_run, ["pgd", "LAFEAT"], n=64, steps=4).set_index("attack")["accuracy"]
     assert list(table.index) == ["clean", "PGD", "LAFEAT", "worst case"]
     assert table["worst case"] <= min(table["PGD"], table["LAFEAT"]) <= table["clean"]
+    # the evaluation kept LAFEAT's adversarial examples: a new object, same arguments and batch, reads them
+    kept = list(artifacts.glob("adversarial-lafeat-*.pt"))
+    assert kept
+    test = at_run.test_set(64)
+    attack, calls = lafeat_for(at_run, steps=4), []           # the evaluation's attack: default heads
+    hook = at_run.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        x_adv = attack(at_run.model, test.x, test.y)
+    finally:
+        hook.remove()
+    assert not calls and len(list(artifacts.glob("adversarial-lafeat-*.pt"))) == len(kept)
+    with torch.no_grad():
+        assert (at_run.model(x_adv).argmax(1) == test.y).float().mean().item() == pytest.approx(table["LAFEAT"])
+
+
+def test_the_command_line_evaluates_lafeat_like_any_other_attack(tmp_path, monkeypatch, capsys):
+    from satlib.__main__ import main
+    monkeypatch.setenv("SATLIB_RUNS", str(tmp_path))
+    tiny = ["--set", "width=4", "--set", "train_limit=128", "--set", "val_size=64", "--set", "monitor_steps=1",
+            "--set", "attack_steps=1", "--epochs", "1"]
+    assert main(["evaluate", *tiny, "--attacks", "pgd,lafeat", "--n", "16", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "PGD" in out and "LAFEAT" in out and "worst case" in out
+    assert list(tmp_path.glob("*/artifacts/lafeat-heads-*.pt"))
+    assert list(tmp_path.glob("*/artifacts/adversarial-lafeat-*.pt"))

@@ -1,6 +1,6 @@
 """TRADES and MART against reference computations written the way their authors' public code writes them.
 
-The references below follow the released training scripts (NOTES E9) line by line: TRADES'
+The references below follow the authors' released training scripts line by line: TRADES'
 ``nn.KLDivLoss(reduction="sum")`` divided by the batch size, and MART's ``argsort`` runner-up, its
 ``1.0001`` and ``1e-12`` constants and its ``1.0000001 - true_probs`` weight. They are independent of
 ``satlib.training.losses`` (no shared helper), so a slip in either shows up as a mismatch.

@@ -1,8 +1,8 @@
 """Standard AutoAttack through the authors' package ``pyautoattack`` (Croce & Hein 2020; Chapter 1).
 
 We call the official implementation rather than re-implementing it: APGD-CE, APGD-T, FAB-T and
-Square with the standard settings. (The paper's "AutoAttack_100" is not the standard version,
-NOTES E6; the book reports the standard one.)
+Square with the standard settings. (The paper's "AutoAttack_100" is not the standard version: the
+book's errata appendix, ``errata-autoattack100``; the book reports the standard one.)
 """
 from __future__ import annotations
 

@@ -2,15 +2,26 @@
 
 Every attack is an object configured once (``PGD(eps=8/255, steps=100)``) and called as
 ``x_adv = attack(model, x, y)``. During the call the model is in eval mode and its parameters do not
-require gradients (no weight-gradient work, no memory for it); both are restored afterwards.
+require gradients (no weight-gradient work, no memory for it); both are restored afterwards. An
+attack can keep its results in a store (``Attack.keep_results``), so that an accuracy table,
+clustering accuracy and feature shifts of one test set share one attack run, in any process.
 """
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
+
+
+class TensorStore(Protocol):
+    """Where results are kept: a run of the store, or ``satlib.artifacts.Artifacts``."""
+
+    def cached_tensors(self, name: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        ...
 
 
 @contextmanager
@@ -74,6 +85,15 @@ def autocast(x: torch.Tensor, enabled: bool):
     return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
+def fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, description: str) -> str:
+    """Identify (attack, model weights, batch) by content, the same in every process: a hash of
+    ``description``, of every tensor of the model's ``state_dict`` and of the bytes of x and y."""
+    digest = hashlib.sha256(description.encode())
+    for t in [*model.state_dict().values(), x, y]:
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 class Attack(ABC):
     """Base class: subclasses implement ``perturb(model, x, y)``; ``__call__`` wraps it in ``attack_mode``.
 
@@ -83,6 +103,7 @@ class Attack(ABC):
 
     name = "attack"
     per_sample_eps = False
+    store: TensorStore | None = None
 
     def __init__(self, eps: float | torch.Tensor):
         self.eps = check_eps(eps, allow_tensor=self.per_sample_eps)
@@ -91,7 +112,25 @@ class Attack(ABC):
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The adversarial examples for ``x``: every attack defines its own search."""
 
+    def keep_results(self, store: TensorStore | None) -> "Attack":
+        """Keep the adversarial examples in ``store`` (a run, ``satlib.artifacts.Artifacts``) and read them back.
+
+        A call with the same attack (``repr``), model weights and batch (``fingerprint``) then returns
+        the kept examples without attacking again, in any process. A random start is drawn only for
+        the batches computed, so a column resumed half-way may differ from one computed in one go.
+        Returns the attack itself; ``None`` keeps nothing.
+        """
+        self.store = store
+        return self
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.store is None:
+            return self._attack(model, x, y)
+        name = f"adversarial-{self.name.lower()}-{fingerprint(model, x, y, repr(self))}"
+        kept = self.store.cached_tensors(name, lambda: {"x_adv": self._attack(model, x, y).cpu()})
+        return kept["x_adv"].to(x.device)
+
+    def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with attack_mode(model):
             return self.perturb(model, x.detach(), y.detach()).detach()
 

@@ -54,7 +54,7 @@ class CWMargin(Objective):
 
 
 class KLDivergence(Objective):
-    """KL(p(x) || p(x + r)) summed over classes: TRADES' inner objective (Zhang et al. 2019; NOTES E9)."""
+    """KL(p(x) || p(x + r)) summed over classes: TRADES' inner objective (Zhang et al. 2019; Chapter 5)."""
 
     def prepare(self, model, x, y):
         with torch.no_grad():

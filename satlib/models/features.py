@@ -42,7 +42,7 @@ def residual_blocks(model: nn.Module) -> list[str]:
 
 
 def last_stage_blocks(model: nn.Module) -> list[str]:
-    """The residual blocks of the last stage: SAT's default layers (``layer4.0``, ``layer4.1``; NOTES E8)."""
+    """The residual blocks of the last stage: SAT's default layers (``layer4.0``, ``layer4.1``; Chapter 5)."""
     blocks = residual_blocks(model)
     stage = blocks[-1].rsplit(".", 1)[0]
     return [b for b in blocks if b.rsplit(".", 1)[0] == stage]

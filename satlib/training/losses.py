@@ -1,7 +1,7 @@
 """Outer losses of the defences (Chapters 1, 2 and 5), computed from logits the trainer already has.
 
 - ``adversarial_ce``: PGD-AT / SAT, CE on adversarial inputs (Eq. 1 and 10);
-- ``trades_loss``: CE(clean) + beta KL(p(x) || p(x')) (Zhang et al. 2019; NOTES E9);
+- ``trades_loss``: CE(clean) + beta KL(p(x) || p(x')) (Zhang et al. 2019; errata appendix, ``release-trades``);
 - ``mart_loss``: boosted CE on adversarial inputs + beta KL weighted by 1 - p_y(x) (Wang et al. 2020);
 - ``cluster_loss``: L_Cluster (Eq. 8/10), per-class per-dimension standard deviation of features.
 """
@@ -50,11 +50,13 @@ def cluster_loss(features: list[torch.Tensor], y: torch.Tensor, num_classes: int
 
     The centroid of class i is its batch mean (Sec. 5.2); the standard deviation uses the class size n_i
     as denominator. Classes with fewer than two samples in the batch are skipped (their spread is
-    undefined); ``eps`` keeps the square root's gradient finite at zero variance (NOTES E6).
+    undefined); ``eps`` keeps the square root's gradient finite at zero variance (the book's errata
+    appendix, ``errata-eq8-sqrt``).
 
-    ``form="code"`` is the released code's variant (NOTES E8), which Chapter 5 compares with Eq. 10:
-    per class the L2 norm of the vector of per-dimension unbiased variances, sqrt(sum_k sigma_k^4),
-    averaged over the samples (a class weighs by its size n_i) instead of over the classes.
+    ``form="code"`` is the released code's variant (errata appendix, ``release-cluster-loss``), which
+    Chapter 5 compares with Eq. 10: per class the L2 norm of the vector of per-dimension unbiased
+    variances, sqrt(sum_k sigma_k^4), averaged over the samples (a class weighs by its size n_i)
+    instead of over the classes.
     """
     if form not in ("paper", "code"):
         raise ValueError(f"form must be 'paper' or 'code', got {form!r}")
