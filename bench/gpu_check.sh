@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One prepared check of the CUDA path, end to end, on a machine with one GPU (about 8 minutes):
+# One prepared check of the CUDA path, end to end, on a machine with one GPU (at most 7 minutes):
 #   1. the throughput table (paper shape, every method, the trainer's graphed step against a plain one),
 #      alone on the GPU so that its timings mean something;
 #   2. then, side by side: the GPU-marked tests; every chapter through papermill at `-p epochs 2`;
-#      the command line (train and evaluate on CUDA); and the quick PGD-AT model's accuracies
+#      the command line (train, then evaluate, on CUDA); and the quick PGD-AT model's accuracies
 #      evaluated on the CPU and on the GPU from the same weights, which must agree within 1 point.
 # It prints one table at the end. Logs and executed notebooks go to $OUT (default gpu-check/).
 # Machines without papermill, a Jupyter kernel or pyautoattack can bring them as wheels in .whl/
@@ -28,16 +28,17 @@ step() {   # step NAME TIMEOUT COMMAND...: run one check, log it, record pass/fa
     printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - began))" >> "$results"
 }
 
-step throughput 170 python3 bench/throughput.py --shape paper --device cuda --batches 30 --skip-eval --ablate
+step throughput 120 python3 bench/throughput.py --shape paper --device cuda --batches 20 --skip-eval --ablate
 
-step gpu-tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_path.py &
+step gpu-tests 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_path.py &
 for nb in chapters/0*.ipynb; do
     name=$(basename "$nb" .ipynb)
-    OMP_NUM_THREADS=2 step "$name" 330 python3 -m papermill "$nb" "$OUT/notebooks/$name.ipynb" -k python3 \
+    OMP_NUM_THREADS=2 step "$name" 290 python3 -m papermill "$nb" "$OUT/notebooks/$name.ipynb" -k python3 \
         -p epochs 2 --cwd chapters &
 done
-step cli-train 150 python3 -m satlib train --preset quick --method sat --device cuda &
-step cpu-vs-gpu 330 python3 bench/cpu_vs_gpu.py &
+step cli-train-evaluate 200 bash -c "python3 -m satlib train --preset quick --method sat --device cuda \
+    && python3 -m satlib evaluate --preset quick --method sat --device cuda" &
+step cpu-vs-gpu 290 python3 bench/cpu_vs_gpu.py &
 wait
 
 printf '\n%-32s %-10s %s\n' check status seconds

@@ -84,8 +84,33 @@ def notebook_matches_markdown(md_path, ipynb_path, work_dir=None) -> bool:
 
 
 def chapter_sources() -> list[Path]:
-    """The chapters' MyST sources: chapters/NN_name.md."""
-    return sorted(p for p in CHAPTERS.glob("[0-9][0-9]_*.md"))
+    """The chapters' MyST sources: chapters/NN_name.md and the appendices."""
+    return sorted(p for p in CHAPTERS.glob("*.md"))
+
+
+MAX_CODE_LINE = 88        # characters: what the page's code box shows without cutting
+MAX_CODE_CELL = 25        # lines: a longer cell is a program, not a step of the argument
+
+
+def test_chapter_code_reads_on_the_page():
+    """Code lines fit the code box, cells stay short, and every check is folded (tag hide-input)."""
+    problems = []
+    for md in chapter_sources():
+        nb = nbformat.read(md.with_suffix(".ipynb"), as_version=4)
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            where = f"{md.name}, cell {index}"
+            lines = cell.source.splitlines()
+            long = [line for line in lines if len(line) > MAX_CODE_LINE]
+            if long:
+                problems.append(f"{where}: {len(long)} line(s) over {MAX_CODE_LINE} characters: {long[0]!r}")
+            if len(lines) > MAX_CODE_CELL:
+                problems.append(f"{where}: {len(lines)} lines (at most {MAX_CODE_CELL})")
+            tags = set(cell.metadata.get("tags", []))
+            if lines and lines[0].startswith("# check") and not tags & {"hide-input", "remove-cell"}:
+                problems.append(f"{where}: a check cell that is not folded (tag it hide-input)")
+    assert not problems, "\n".join(problems)
 
 
 def test_chapter_sources_are_jupytext_notebooks():
@@ -261,7 +286,7 @@ def render_dom(url: str, profile_dir: Path) -> str:
     cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
            "--no-first-run", "--disable-background-networking", "--disable-component-update",
            "--disable-sync", "--disable-extensions", f"--user-data-dir={profile_dir}",
-           "--virtual-time-budget=20000", "--dump-dom", url]
+           "--window-size=1366,900", "--virtual-time-budget=20000", "--dump-dom", url]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0 and "<html" in result.stdout, result.stderr[-4000:]
     return result.stdout
@@ -339,7 +364,70 @@ def check_rendered_page(html_dir: Path, server: _Server, page: str, profile_dir:
         assert table.select("th") and table.select("tbody tr"), f"{page}: empty table"
     assert len(tables) >= min_tables, f"{page}: {len(tables)} tables, expected >= {min_tables}"
 
+    check_quiet_outputs(article, page)
     return {"math": len(math_nodes), "images": len(images), "tables": len(tables), "soup": soup}
+
+
+# What must never appear in a cell's output on a page: progress bars, warnings, object reprs
+# and paths of the machine that built the book.
+NOISE = {
+    "a progress bar": re.compile(r"\d+%\|| it/s\]|s/it\]"),
+    "a warning": re.compile(r"\b\w*Warning\b"),
+    "an object repr": re.compile(r"<[\w.]+ (object )?at 0x[0-9a-f]+>"),
+    "a machine path": re.compile(r"(?<![\w.])/(tmp|home|root|work|usr|var)/"),
+}
+
+
+def check_quiet_outputs(article, page: str) -> None:
+    """No stderr box, and no progress bar, warning, repr or machine path in any cell output."""
+    stderr = article.select(".output.stderr, .stderr")
+    assert not stderr, f"{page}: {len(stderr)} stderr output(s): {stderr[0].get_text()[:200]!r}"
+    for output in article.select(".cell_output"):
+        text = output.get_text(" ")
+        for what, pattern in NOISE.items():
+            found = pattern.search(text)
+            assert not found, f"{page}: an output shows {what}: ...{text[max(found.start() - 60, 0):found.end() + 60]!r}"
+
+
+# Run in the page after it loaded (MathJax included): every table and code block whose content is
+# wider than the page's text column, recorded on <body data-overflow> for --dump-dom to carry out.
+MEASURE_OVERFLOW = """<script>
+window.addEventListener("load", function () { setTimeout(function () {
+  var column = document.querySelector("article"), out = [];
+  column.querySelectorAll("table").forEach(function (t) {
+    var w = t.getBoundingClientRect().width;
+    if (w > column.clientWidth + 1) out.push("table " + Math.round(w) + " px in a "
+      + column.clientWidth + " px column: " + t.innerText.slice(0, 80));
+  });
+  column.querySelectorAll("pre").forEach(function (p) {
+    if (p.scrollWidth > p.clientWidth + 1) out.push("code " + p.scrollWidth + " px in a "
+      + p.clientWidth + " px box: " + p.innerText.slice(0, 80));
+  });
+  document.body.setAttribute("data-overflow", JSON.stringify(out));
+}, 3000); });
+</script>"""
+
+
+def check_nothing_overflows(html_dir: Path, server: _Server, page: str, profile_dir: Path) -> None:
+    """In Chromium at a laptop's window size, no table is wider than the text column and no code
+    line is cut: the page is measured through a copy of it that runs ``MEASURE_OVERFLOW``."""
+    from bs4 import BeautifulSoup
+
+    source = html_dir / page
+    probe = source.with_name(source.stem + ".measure.html")
+    probe.write_text(source.read_text(encoding="utf8").replace("</body>", MEASURE_OVERFLOW + "</body>"),
+                     encoding="utf8")
+    soup = BeautifulSoup(render_dom(urljoin(server.url, probe.relative_to(html_dir).as_posix()),
+                                    profile_dir), "html.parser")
+    measured = soup.body.get("data-overflow")
+    assert measured is not None, f"{page}: the width probe did not run"
+    assert not json.loads(measured), f"{page}: too wide for the page:\n" + "\n".join(json.loads(measured))
+
+
+def check_offers_notebook(soup, page: str) -> None:
+    """The page's download menu links its .ipynb."""
+    links = [a.get("href", "") for a in soup.select("a[href]")]
+    assert any(href.endswith(".ipynb") for href in links), f"{page}: no .ipynb download link"
 
 
 def _expected_outputs(executed: Path) -> tuple[int, int]:
@@ -367,7 +455,8 @@ def test_smoke_page_renders_offline(tmp_path):
     for name in ("book.yml", "intro.md", "references.bib"):
         shutil.copy(ROOT / name, book / name)
     shutil.copytree(ROOT / "_vendor", book / "_vendor")
-    shutil.copy(FIXTURES / "book_smoke.md", book / "chapters" / "book_smoke.md")
+    # The book builds chapters from their notebooks (book.yml), so the page goes in as one.
+    _jupytext_to_notebook(FIXTURES / "book_smoke.md", book / "chapters")
     toc = _write_toc(tmp_path / "toc.yml", ["chapters/book_smoke"])
 
     html = build_book(book, toc, tmp_path / "out", timeout=900)
@@ -376,6 +465,8 @@ def test_smoke_page_renders_offline(tmp_path):
         found = check_rendered_page(html, server, "chapters/book_smoke.html",
                                     tmp_path / "profile", min_images=1, min_tables=1)
         soup = found["soup"]
+        check_offers_notebook(soup, "chapters/book_smoke.html")
+        check_nothing_overflows(html, server, "chapters/book_smoke.html", tmp_path / "profile-w")
         # Labelled equation numbered; theorem, exercise and a folded solution present.
         assert soup.select(".math .eqno, .eqno"), "labelled equation has no number"
         assert soup.select(".proof.theorem, div.theorem"), "prf:theorem not rendered"
@@ -415,11 +506,35 @@ if FIRST_CHAPTER is not None:
         its links into other chapters cannot resolve: those warnings (and only those) are allowed.
         """
         docname = FIRST_CHAPTER.relative_to(ROOT).with_suffix("").as_posix()
-        toc = _write_toc(tmp_path / "toc.yml", [docname])
+        toc = _write_toc(tmp_path / "toc.yml", [docname, LEDGER])
         html = build_book(ROOT, toc, tmp_path / "out", timeout=3600,
                           allowed_warnings=CROSS_CHAPTER_REFERENCE_WARNINGS)
         executed = tmp_path / "out" / "_build" / "jupyter_execute" / f"{docname}.ipynb"
         images, tables = _expected_outputs(executed) if executed.exists() else (1, 0)
         with _Server(html) as server:
-            check_rendered_page(html, server, f"{docname}.html", tmp_path / "profile",
-                                min_images=max(images, 1), min_tables=tables)
+            found = check_rendered_page(html, server, f"{docname}.html", tmp_path / "profile",
+                                        min_images=max(images, 1), min_tables=tables)
+            check_offers_notebook(found["soup"], f"{docname}.html")
+            check_nothing_overflows(html, server, f"{docname}.html", tmp_path / "profile-w")
+            check_ledger(html, server, tmp_path / "profile-ledger")
+
+
+LEDGER = "chapters/appendix_b_paper_checked"
+
+
+def check_ledger(html_dir: Path, server: _Server, profile_dir: Path) -> None:
+    """The appendix lists at least 15 of the paper's claims, each with a status and a link to the
+    chapter that tests it (the chapters ran earlier in the session, so their verdicts are stored)."""
+    from bs4 import BeautifulSoup
+
+    page = f"{LEDGER}.html"
+    soup = BeautifulSoup(render_dom(urljoin(server.url, page), profile_dir), "html.parser")
+    article = soup.select_one("article") or soup
+    check_quiet_outputs(article, page)
+    rows = [tr for table in article.select("table") if "on the quick preset" in table.get_text()
+            for tr in table.select("tbody tr")]
+    assert len(rows) >= 15, f"{page}: {len(rows)} claims listed, expected at least 15"
+    for tr in rows:
+        cells = tr.select("td")
+        assert cells[2].select_one("a[href$='.html']"), f"{page}: no link in {tr.get_text(' ')[:80]!r}"
+        assert cells[3].get_text(strip=True), f"{page}: no status in {tr.get_text(' ')[:80]!r}"
