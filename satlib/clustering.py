@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .attacks import Attack, attack_mode
-from .data import ArrayDataset, batches
+from .data import ArrayDataset
+from .batching import batches
 from .models import FeatureTap, conv_layers
 from .progress import bar
 

@@ -235,3 +235,18 @@ def _check(name: str, value: Any) -> Any:
     if name in ("momentum", "lr_decay") and not 0 <= value <= 1:
         raise ConfigError(f"{name} must lie in [0, 1], got {value!r}.")
     return value
+
+
+def distinct_knobs(cfg: Config) -> str:
+    """The training knobs in which ``cfg`` departs from its preset, e.g. ``lr=0.01 width=4`` (method, dataset,
+    model, seed and epochs have columns of their own)."""
+    default = resolve(cfg.preset, method=cfg.method).training_key()
+    own = {"method", "dataset", "model", "seed", "epochs"}
+    return " ".join(f"{knob}={_compact(value)}" for knob, value in cfg.training_key().items()
+                    if knob not in own and default.get(knob) != value)
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ",".join(map(_compact, value)) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -19,7 +19,8 @@ from torch import nn
 from .progress import bar
 
 from .attacks import Attack, attack_mode
-from .data import ArrayDataset, batches
+from .data import ArrayDataset
+from .batching import batches
 from .precision import exact_fp32
 from .runs import Run
 

@@ -36,7 +36,7 @@ import torch
 
 from .artifacts import Artifacts, keep
 from .checkpoints import CheckpointError, safe_load, state_dict_of
-from .config import Config, resolve
+from .config import Config, distinct_knobs, resolve
 from .errors import SatlibError
 from .storage import ProcessLock, StorageError, atomic_save, atomic_write_text, make_folder, serialised, staged
 
@@ -286,24 +286,10 @@ class RunStore:
             run = Run(cfg, self.root)
             metrics = run.metrics()
             last = metrics.iloc[-1].to_dict() if len(metrics) else {}
-            rows.append({"run": run.id, "method": cfg.method, "knobs": _distinct_knobs(cfg), "dataset": cfg.dataset,
+            rows.append({"run": run.id, "method": cfg.method, "knobs": distinct_knobs(cfg), "dataset": cfg.dataset,
                          "model": cfg.model, "seed": cfg.seed, "epochs": cfg.epochs, "state": run.state(),
-                         "epoch": run.status.get("epoch"), "clean_acc": last.get("test_clean_acc"),
-                         "pgd_acc": last.get("test_pgd_acc")})
+                         "epoch": run.status.get("epoch"), "clean_acc": last.get("val_clean_acc"),
+                         "pgd_acc": last.get("val_pgd_acc")})
         return pd.DataFrame(rows, columns=["run", "method", "knobs", "dataset", "model", "seed", "epochs", "state",
                                            "epoch", "clean_acc", "pgd_acc"])
 
-
-def _distinct_knobs(cfg: Config) -> str:
-    """The training knobs in which ``cfg`` departs from its preset, e.g. ``lr=0.01 width=4`` (method, dataset,
-    model, seed and epochs have columns of their own)."""
-    default = resolve(cfg.preset, method=cfg.method).training_key()
-    own = {"method", "dataset", "model", "seed", "epochs"}
-    return " ".join(f"{knob}={_compact(value)}" for knob, value in cfg.training_key().items()
-                    if knob not in own and default.get(knob) != value)
-
-
-def _compact(value: Any) -> str:
-    if isinstance(value, tuple):
-        return "[" + ",".join(map(_compact, value)) + "]"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import PGD, Attack, attack_mode
-from .data import ArrayDataset, batches
+from .data import ArrayDataset
+from .batching import batches
 from .models import FeatureTap
 
 

@@ -14,7 +14,8 @@ import torch
 from torchvision import datasets as tvd
 
 from satlib import data
-from satlib.data import ArrayDataset, DatasetUnavailable, batches, load
+from satlib.data import ArrayDataset, DatasetUnavailable, load
+from satlib.batching import batches
 
 
 @pytest.fixture(autouse=True)

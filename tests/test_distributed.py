@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from satlib.config import resolve
-from satlib.data import batches, load
+from satlib.data import load
+from satlib.batching import batches
 from satlib.runs import RunStore
 
 
@@ -48,7 +49,8 @@ SYNC_CHECK = """
 import torch, torch.distributed as dist
 from torch import nn
 from satlib.config import resolve
-from satlib.data import batches, load
+from satlib.data import load
+from satlib.batching import batches
 from satlib.training import build_step, model_for
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data import ArrayDataset, batches
+from ..data import ArrayDataset
+from ..batching import batches
 from ..models import FeatureTap, residual_blocks
 from .base import attack_mode
 

@@ -26,7 +26,8 @@ from .. import bound
 from ..attacks import Attack, TensorStore, fit_heads, make_attack
 from ..clustering import class_centroids, clustering_accuracy
 from ..config import resolve
-from ..data import ArrayDataset, batches
+from ..data import ArrayDataset
+from ..batching import batches
 from ..evaluation import correctness, summarize
 from ..models import residual_blocks
 from ..models.resnet import BasicBlock

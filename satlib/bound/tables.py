@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from ..attacks import attack_mode
-from ..data import ArrayDataset, batches
+from ..data import ArrayDataset
+from ..batching import batches
 from .lipschitz import LipschitzBound, lipschitz_bound
 from .margin import feature_margin, features_and_logits, last_linear
 from .norms import dual_norm, norm_value

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..attacks import BIM, FGSM, PGD
-from ..data import ArrayDataset, batches
+from ..data import ArrayDataset
+from ..batching import batches
 from ..evaluation import correct_mask, evaluation_batch_size
 from ..precision import exact_fp32
 

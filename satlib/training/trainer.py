@@ -34,7 +34,8 @@ from torch import nn
 
 from ..attacks import PGD
 from ..config import Config
-from ..data import DATASETS, ArrayDataset, batches, holdout, load
+from ..data import DATASETS, ArrayDataset, holdout, load
+from ..batching import batches
 from ..errors import SatlibError
 from ..evaluation import correct_mask
 from ..models import build_model
