@@ -215,11 +215,12 @@ def test_store_listing_states_and_knobs(tmp_path, run):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "config.json").write_text("{not json")
     slow = RunStore(tmp_path).run(resolve("quick", method="mart", lr=0.01, width=8))
-    slow.finish(state(3)["model"], [{"test_clean_acc": 0.9, "test_pgd_acc": 0.5}])
+    slow.finish(state(3)["model"], [{"val_clean_acc": 0.9, "val_pgd_acc": 0.5}])
     table = RunStore(tmp_path).list().set_index("run")
     assert set(table.index) == {run.id, slow.id, "junk"}
     assert table.loc[slow.id, "knobs"] == "width=8 lr=0.01" and table.loc[slow.id, "state"] == "finished"
     assert table.loc[run.id, "knobs"] == "" and table.loc[run.id, "state"] == "new"
+    assert (table.loc[slow.id, "clean_acc"], table.loc[slow.id, "pgd_acc"]) == (0.9, 0.5)
 
 
 def test_a_file_as_store_is_one_clear_error(tmp_path):
