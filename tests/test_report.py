@@ -142,3 +142,15 @@ def test_an_honest_model_passes_and_a_masked_gradient_fails(trained_digits_model
     # and the same weights attacked without the rounding (a transfer attack) do far better
     assert masked[["vanishes", "iterative", "transfer"]].eq("fail").all(), masked
     assert masked["eps-zero"] == "pass"
+
+
+def test_expect_asserts_a_claim_only_in_the_default_setting(capsys):
+    from satlib.report.chapter import chapter_config
+
+    default = chapter_config("quick", dict(epochs=None), defaults=dict(seeds=2), seeds=None)
+    other = chapter_config("quick", dict(epochs=3), defaults=dict(seeds=2), seeds=None)
+    other.expect(False, "SAT is ahead")
+    assert "DOES NOT HOLD: SAT is ahead" in capsys.readouterr().out
+    default.expect(True, "SAT is ahead")
+    with pytest.raises(AssertionError, match="the text says: SAT is ahead"):
+        default.expect(False, "SAT is ahead")

@@ -47,6 +47,12 @@ class ChapterConfig:
         except KeyError:
             raise AttributeError(f"the chapter has no parameter {name!r}") from None
 
+    def expect(self, holds: bool, claim: str) -> None:
+        """An empirical claim of the text: its outcome printed in every setting, asserted only in the
+        default one, whose prose states it (so other parameters run to the end and report)."""
+        print(f"{'holds' if holds else 'DOES NOT HOLD'}: {claim}")
+        assert holds or not self.default, f"the text says: {claim}"
+
 
 def chapter_config(preset: str, knobs: Mapping[str, Any] | None = None, *, defaults: Mapping[str, Any] | None = None,
                    minimum: Mapping[str, float] | None = None, choices: Mapping[str, Sequence[str]] | None = None,
