@@ -20,7 +20,7 @@ import pandas as pd
 
 from ..catalog import METHODS
 from ..config import Config, ConfigError, resolve
-from .ledger import Verdicts, setting_name
+from .ledger import Verdicts, say, setting_name
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 # The paper's column of each of the book's columns (the attack names of ``satlib.evaluation.evaluate``).
@@ -50,7 +50,7 @@ class ChapterConfig:
     def expect(self, holds: bool, claim: str) -> None:
         """An empirical claim of the text: its outcome printed in every setting, asserted only in the
         default one, whose prose states it (so other parameters run to the end and report)."""
-        print(f"{'holds' if holds else 'DOES NOT HOLD'}: {claim}")
+        say(f"{'holds' if holds else 'DOES NOT HOLD'}: {claim}")
         assert holds or not self.default, f"the text says: {claim}"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,14 @@ def setting_name(preset: str, params: dict[str, Any], default: bool) -> str:
     return f"{preset}-{hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]}"
 
 
+PAGE_WIDTH = 88   # characters of a code or output line that fit the book's text column
+
+
+def say(line: str) -> None:
+    """Print a verdict or a claim's outcome wrapped to the page's width (continuation lines indented)."""
+    print(textwrap.fill(line, PAGE_WIDTH, subsequent_indent="    ", break_on_hyphens=False))
+
+
 def ledger_dir(setting: str, root: str | Path | None = None) -> Path:
     return runs_root(root) / "ledger" / setting
 
@@ -122,7 +131,7 @@ class Verdicts:
             path.write_text(json.dumps(asdict(verdict), indent=1))
         except OSError as err:            # a read-only store: the verdict is still printed and checked
             print(f"(verdict not stored: {err})")
-        print(f"{CLAIMS[claim].where}: {status} ({measured})")
+        say(f"{CLAIMS[claim].where}: {status} ({measured})")
         if self.default and expected is not None:
             assert status == expected, f"{claim}: the text says '{expected}', the run found '{status}' ({measured})"
         return verdict
