@@ -108,9 +108,9 @@ class Config:
         return sorted({max(1, round(f * self.epochs)) for f in self.lr_decay_at})
 
     def explicit(self) -> dict[str, Any]:
-        """The knobs whose values differ from the preset's (tuned) values for this method."""
+        """The method and the knobs whose values differ from the preset's (tuned) values for it."""
         defaults = resolve(self.preset, method=self.method).as_dict()
-        return {k: v for k, v in self.as_dict().items() if v != defaults[k]}
+        return {"method": self.method, **{k: v for k, v in self.as_dict().items() if v != defaults[k]}}
 
     def replace(self, **overrides: Any) -> "Config":
         """A validated copy with some knobs changed (``None`` values are ignored).

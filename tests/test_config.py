@@ -80,4 +80,12 @@ def test_changing_the_method_takes_its_tuned_values_unless_set_explicitly():
     pgd = resolve("quick")
     assert pgd.replace(method="mart").lr == 0.05 and pgd.replace(method="mart").mart_beta == 3.0
     assert resolve("quick", lr=0.02).replace(method="mart").lr == 0.02
+
+
+def test_replace_keeps_the_method_and_its_tuned_values():
+    sat = resolve("quick", method="sat")
+    beta = sat.replace(sat_beta=0.1)
+    assert (beta.method, beta.sat_beta, beta.sat_lambda, beta.lr) == ("sat", 0.1, sat.sat_lambda, sat.lr)
+    assert beta.run_id() != sat.run_id() and beta.run_id().startswith("sat-")
+    assert resolve("quick", method="mart").replace(lr=0.1).method == "mart"
     assert resolve("paper", method="trades").trades_beta == 6.0          # the paper keeps the reference values
