@@ -32,8 +32,8 @@ def test_every_method_trains_and_is_stored(tmp_path, method):
     assert again.metrics().equals(metrics)
 
 
-CLI_TINY = ["--set", "width=8", "--set", "train_limit=512", "--set", "batch_size=64", "--set", "attack_steps=3",
-            "--set", "val_size=64", "--set", "monitor_steps=2", "--epochs", "8"]
+CLI_TINY = ["--set", "width=8", "--set", "train_limit=256", "--set", "batch_size=64", "--set", "attack_steps=3",
+            "--set", "val_size=64", "--set", "monitor_steps=2", "--epochs", "6"]
 
 
 def _train_cli(store, *extra):
@@ -51,7 +51,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
         found = list(killed_store.glob("*/status.json"))
         if found:
             status = json.loads(found[0].read_text())
-            if status.get("epoch", 0) >= 3:
+            if status.get("epoch", 0) >= 2:
                 break
         time.sleep(0.02)
     time.sleep(0.15)                                     # now inside a later epoch
