@@ -133,7 +133,8 @@ def _add_audit_parser(sub) -> None:
     p.add_argument("--out", help="report folder (default: audit-<checkpoint name>)")
     p.add_argument("--attacks", default=",".join(ATTACKS), help=f"comma-separated attacks among {', '.join(ATTACKS)}")
     p.add_argument("--steps", type=_positive, help="iterations of BIM, PGD, CW and LAFEAT (default: digits 50, else 100)")
-    p.add_argument("--restarts", type=_positive, default=5, help="random restarts of PGD and CW (default 5)")
+    p.add_argument("--restarts", type=_positive, help="random restarts of PGD and CW (default: digits 1, as "
+                   "satlib evaluate, else 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of every attack, as satlib evaluate's --seed (default 0)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto")
 

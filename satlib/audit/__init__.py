@@ -21,12 +21,11 @@ from torch import nn
 
 from ..artifacts import Artifacts
 from ..attacks import ATTACKS, fingerprint
-from ..data import ArrayDataset, load
+from ..data import ArrayDataset, holdout, load
 from ..evaluation import evaluation_batch_size
 from . import measures
 from .loading import AuditError, load_weights, normalize
 
-RESTARTS = 5        # random restarts of PGD and CW-inf
 RADIUS_SAMPLES = 100   # test samples whose radii are bisected (the most expensive measure after AutoAttack)
 
 
@@ -45,17 +44,18 @@ class AuditResult:
 
 
 def audit(model: nn.Module, dataset: str, *, eps: float | None = None, n: int | None = None,
-          steps: int | None = None, restarts: int = RESTARTS, attacks: Sequence[str] = ATTACKS, seed: int = 0,
+          steps: int | None = None, restarts: int | None = None, attacks: Sequence[str] = ATTACKS, seed: int = 0,
           normalization: tuple[Sequence[float], Sequence[float]] | None = None, train: ArrayDataset | None = None,
           head_epochs: int | None = None, radius_samples: int = RADIUS_SAMPLES, out: str | Path | None = None,
           about: dict | None = None, progress: bool = False) -> AuditResult:
     """Audit ``model`` on the test split of ``dataset`` (its first ``n`` samples; all by default).
 
-    ``eps`` and ``steps`` default to the dataset's preset (digits: ``quick``, else the paper's);
-    ``restarts`` apply to PGD and CW-inf; ``seed`` seeds every attack as ``satlib evaluate`` seeds a
-    run's. ``normalization`` = (mean, std) per channel for a model that expects normalised inputs: the
+    ``eps``, ``steps`` and ``restarts`` (of PGD and CW-inf) default to the dataset's preset (digits:
+    ``quick``, 50 steps and one restart, as ``satlib evaluate``; else the paper's, 100 steps and five
+    restarts); ``seed`` seeds every attack as ``satlib evaluate`` seeds a run's. ``normalization`` = (mean, std) per channel for a model that expects normalised inputs: the
     audit feeds it ``(x - mean) / std`` and attacks in [0, 1] pixel space. LAFEAT's heads learn on
-    ``train`` (default: the training split) for ``head_epochs`` (default: the authors' 100). Radii are
+    ``train`` (default: the training split less the preset's validation images, the images the
+    book's runs train on) for ``head_epochs`` (default: the authors' 100). Radii are
     bisected on the first ``radius_samples`` test samples. With ``out``, every part is kept in
     ``out/cache/<model hash>`` as soon as it is computed (a rerun reads it) and the report is written
     to ``out``; ``about`` adds lines to its settings (the checkpoint, say). The model is evaluated in
@@ -70,13 +70,14 @@ def audit(model: nn.Module, dataset: str, *, eps: float | None = None, n: int | 
     device = next(model.parameters()).device
     preset = measures.defaults(dataset)
     eps, steps = preset["eps"] if eps is None else eps, preset["steps"] if steps is None else steps
+    restarts = preset["restarts"] if restarts is None else restarts
     test = load(dataset, "test")
     test = (test.subset(n) if n else test).to(device)
     settings = dict(about or {}, dataset=dataset, eps=eps, steps=steps, restarts=restarts, seed=seed, n=len(test),
                     attacks=list(attacks), normalization=normalization, radius_samples=radius_samples)
 
     def train_split() -> ArrayDataset:
-        return (load(dataset, "train") if train is None else train).to(device)
+        return (holdout(load(dataset, "train"), preset["val_size"])[0] if train is None else train).to(device)
 
     handle, stretch = (None, 1.0) if normalization is None else normalize(model, *normalization)
     try:

@@ -41,11 +41,14 @@ UNDER = ("PGD", "LAFEAT")      # the attacks clustering accuracy is measured und
 
 
 def defaults(dataset: str) -> dict[str, float]:
-    """The threat model of the dataset's preset (digits: ``quick``, else the paper's): ``eps`` and ``steps``."""
+    """The evaluation of the dataset's preset (digits: ``quick``, else the paper's): ``eps``, ``steps``,
+    ``restarts`` (one on the digits, as ``satlib evaluate`` and the book's tables; else five) and
+    ``val_size`` (the validation images the book's runs hold out of the training split)."""
     if dataset not in PRESET_OF:
         raise ValueError(f"unknown dataset {dataset!r}; the audit knows {', '.join(PRESET_OF)}")
     cfg = resolve(PRESET_OF[dataset])
-    return {"eps": cfg.eps, "steps": cfg.eval_steps}
+    return {"eps": cfg.eps, "steps": cfg.eval_steps, "restarts": 1 if cfg.preset == "quick" else 5,
+            "val_size": cfg.val_size}
 
 
 def key(*parts: object) -> str:

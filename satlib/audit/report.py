@@ -62,7 +62,7 @@ def _sections(result, out: Path) -> list[tuple[str, str, pd.DataFrame | None, st
     """``(title, text, table, figure file)`` for every part the audit measured."""
     s = result.settings
     sections = [("Accuracy", f"Clean accuracy and accuracy under each attack at eps = {s['eps']:.4g} "
-                 f"({s['steps']} steps, {s['restarts']} restarts of PGD and CW-inf); the worst case counts a "
+                 f"({s['steps']} steps, {s['restarts']} restart{'s' * (s['restarts'] != 1)} of PGD and CW-inf); the worst case counts a "
                  "sample as robust only if no attack breaks it.", result.accuracy,
                  _figure(out / "accuracy_by_attack.png", lambda ax: _accuracy(ax, result.accuracy)))]
     if result.checks is not None:
