@@ -118,8 +118,9 @@ class Verdicts:
     def __init__(self, setting: str, *, default: bool, root: str | Path | None = None):
         self.setting, self.default, self.root = setting, default, root
 
-    def check(self, claim: str, status: str, *, measured: str, test: str, expected: str | None = None) -> Verdict:
-        """Record ``status`` for ``claim``; on the default setting, assert that it is ``expected`` (the prose's)."""
+    def check(self, claim: str, status: str, *, measured: str, test: str, expected: str | None = None) -> None:
+        """Record ``status`` for ``claim`` and print it; on the default setting, assert that it is
+        ``expected`` (the prose's). Returns nothing, so a chapter's page shows the printed line only."""
         if claim not in CLAIMS:
             raise KeyError(f"unknown claim {claim!r}; the ledger knows {', '.join(CLAIMS)}")
         if status not in STATUSES:
@@ -134,7 +135,6 @@ class Verdicts:
         say(f"{CLAIMS[claim].where}: {status} ({measured})")
         if self.default and expected is not None:
             assert status == expected, f"{claim}: the text says '{expected}', the run found '{status}' ({measured})"
-        return verdict
 
 
 def read(setting: str, root: str | Path | None = None) -> pd.DataFrame:
