@@ -15,13 +15,13 @@ from typing import Sequence
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .attacks import OUTPUT_ATTACKS, Attack, fit_heads, make_attack
 from .attacks.lafeat_heads import HEAD_DEFAULTS
 from .config import Config
 from .data import ArrayDataset, load
 from .evaluation import evaluate
+from .progress import bar
 from .runs import Run, RunStore
 from .training import model_for, resolve_device, train
 from .training.trainer import training_data
@@ -95,7 +95,7 @@ def load_or_train_many(cfgs: Sequence[Config], *, store: RunStore | None = None,
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             jobs = [pool.submit(_train_quietly, c, str(store.root)) for c in missing]
-            for job in tqdm(jobs, desc="training runs", disable=not progress):
+            for job in bar(jobs, desc="training runs", enabled=progress):
                 job.result()
     return [load_or_train(c, store=store, progress=progress) for c in cfgs]
 
@@ -128,7 +128,7 @@ def evaluate_many(trained: Sequence[Trained], attacks: Sequence[str] | Sequence[
                                  initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             jobs = [pool.submit(_evaluate_quietly, trained[i].cfg, str(trained[i].run.dir.parent), per_run[i], n,
                                 steps, restarts) for i in order]
-            for job in tqdm(jobs, desc="evaluating runs", disable=not progress):
+            for job in bar(jobs, desc="evaluating runs", enabled=progress):
                 job.result()
     return [evaluate_run(t, names, n=n, steps=steps, restarts=restarts) for t, names in zip(trained, per_run)]
 

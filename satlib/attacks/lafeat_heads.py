@@ -21,11 +21,11 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..data import ArrayDataset
 from ..batching import batches
 from ..models import FeatureTap, residual_blocks
+from ..progress import bar
 from .base import attack_mode
 
 # Head shape and training of the LAFEAT authors' code; ``fit_heads`` names its cache after these.
@@ -145,7 +145,7 @@ def train_heads(model: nn.Module, data, layers: Sequence[str] | None = None, *, 
     try:
         for h in heads.values():
             h.train()
-        for _ in tqdm(range(epochs), desc="LAFEAT heads", disable=not progress):
+        for _ in bar(range(epochs), desc="LAFEAT heads", enabled=progress):
             for idx in torch.randperm(len(x_all), generator=gen).to(device).split(batch_size):
                 if cached is not None:
                     feats = {l: cached[l][idx] for l in layers}
