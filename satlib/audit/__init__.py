@@ -52,8 +52,9 @@ def audit(model: nn.Module, dataset: str, *, eps: float | None = None, n: int | 
 
     ``eps``, ``steps`` and ``restarts`` (of PGD and CW-inf) default to the dataset's preset (digits:
     ``quick``, 50 steps and one restart, as ``satlib evaluate``; else the paper's, 100 steps and five
-    restarts); ``seed`` seeds every attack as ``satlib evaluate`` seeds a run's. ``normalization`` = (mean, std) per channel for a model that expects normalised inputs: the
-    audit feeds it ``(x - mean) / std`` and attacks in [0, 1] pixel space. LAFEAT's heads learn on
+    restarts); ``seed`` seeds every attack as ``satlib evaluate`` seeds a run's. ``normalization`` =
+    (mean, std) per channel for a model that expects normalised inputs: the audit feeds it
+    ``(x - mean) / std`` and attacks in [0, 1] pixel space. LAFEAT's heads learn on
     ``train`` (default: the training split less the preset's validation images, the images the
     book's runs train on) for ``head_epochs`` (default: the authors' 100). Radii are
     bisected on the first ``radius_samples`` test samples. With ``out``, every part is kept in

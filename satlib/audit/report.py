@@ -61,8 +61,9 @@ def _radii(ax, radii: pd.DataFrame) -> None:
 def _sections(result, out: Path) -> list[tuple[str, str, pd.DataFrame | None, str | None]]:
     """``(title, text, table, figure file)`` for every part the audit measured."""
     s = result.settings
+    restarts = f"{s['restarts']} restart{'s' * (s['restarts'] != 1)}"
     sections = [("Accuracy", f"Clean accuracy and accuracy under each attack at eps = {s['eps']:.4g} "
-                 f"({s['steps']} steps, {s['restarts']} restart{'s' * (s['restarts'] != 1)} of PGD and CW-inf); the worst case counts a "
+                 f"({s['steps']} steps, {restarts} of PGD and CW-inf); the worst case counts a "
                  "sample as robust only if no attack breaks it.", result.accuracy,
                  _figure(out / "accuracy_by_attack.png", lambda ax: _accuracy(ax, result.accuracy)))]
     if result.checks is not None:
